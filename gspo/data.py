@@ -1,0 +1,156 @@
+"""Prompt datasets: registered synthetic tasks, JSONL files and Hugging Face datasets; a resumable sampler.
+
+A dataset is a list of rows (dicts). Every row has a `prompt` (a string, or a list of chat messages) and any
+number of other columns; every column reaches the reward functions as a keyword argument (TRL's contract).
+Synthetic tasks also provide `sft_rows()`: prompt + a reference completion, for cold-start SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from gspo.registry import TASKS
+
+
+@dataclass
+class PromptDataset:
+    rows: list[dict[str, Any]]
+
+    @property
+    def columns(self) -> list[str]:
+        return sorted(self.rows[0]) if self.rows else []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class PromptSampler:
+    """Draws batches of B prompts, epoch by epoch, each epoch shuffled by its own seed.
+
+    The state (epoch, position) is all a resumed run needs to continue with the exact same prompts.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, *, seed: int, shuffle: bool = True) -> None:
+        if num_rows < batch_size:
+            raise ValueError(f"dataset has {num_rows} rows, fewer than rollout.prompts_per_step={batch_size}")
+        self.num_rows, self.batch_size, self.seed, self.shuffle = num_rows, batch_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.num_rows))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_indices(self) -> list[int]:
+        # Batches never straddle epochs: the tail of an epoch that cannot fill a batch is dropped,
+        # so every batch has exactly B distinct prompts.
+        if self.position + self.batch_size > self.num_rows:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        idx = order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _load_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a JSONL file (`.jsonl`/`.json` lines) or of a Hugging Face dataset (local dir or hub id)."""
+    if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
+        return _load_jsonl(path)
+    import datasets  # heavy; only when a dataset is really used
+
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError:
+            ds = datasets.load_dataset(path, split=split)
+    else:
+        ds = datasets.load_dataset(path, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"data.split={split!r} not in {path}; splits: {', '.join(ds)}")
+        ds = ds[split]
+    return [dict(r) for r in ds]
+
+
+def build_dataset(data_cfg: Any, *, seed: int) -> PromptDataset:
+    """Rows for `data_cfg` (fields task, path, split, prompt_column, num_samples, task_kwargs)."""
+    if data_cfg.task:
+        task = TASKS.get(data_cfg.task)(**dict(data_cfg.task_kwargs or {}))
+        rows = task.rows(data_cfg.num_samples, seed=seed)
+    else:
+        rows = load_rows(data_cfg.path, data_cfg.split)
+    if not rows:
+        raise ValueError(f"data: no rows in {data_cfg.task or data_cfg.path}")
+    col = data_cfg.prompt_column
+    for i, row in enumerate(rows):
+        if col not in row:
+            raise ValueError(f"data row {i}: no column {col!r} (data.prompt_column); columns: {', '.join(sorted(row))}")
+        if col != "prompt":
+            row["prompt"] = row.pop(col)
+    return PromptDataset(rows)
+
+
+# --- synthetic tasks -------------------------------------------------------------------------------------
+
+
+@TASKS.register("add")
+class AddTask:
+    """Integer addition with a checkable answer: "What is 23+58?" -> "<answer>81</answer>".
+
+    `digits` sets the operand size. The reference completion shows the sum in the answer tags, which is
+    what the `synthetic_accuracy` and `synthetic_format` rewards check. Small enough that a tiny MoE learns it
+    on a CPU in minutes once a brief SFT warm start has taught it the format.
+    """
+
+    def __init__(self, digits: int = 1, think: bool = False) -> None:
+        if digits < 1:
+            raise ValueError("data.task_kwargs.digits must be >= 1")
+        self.digits, self.think = digits, think
+
+    def _operands(self, rng: random.Random) -> tuple[int, int]:
+        hi = 10**self.digits - 1
+        return rng.randint(0, hi), rng.randint(0, hi)
+
+    def rows(self, num_samples: int, *, seed: int) -> list[dict[str, Any]]:
+        rng = random.Random(seed)
+        out = []
+        for _ in range(num_samples):
+            a, b = self._operands(rng)
+            out.append({"prompt": f"What is {a}+{b}?", "answer": str(a + b)})
+        return out
+
+    def completion(self, row: dict[str, Any]) -> str:
+        a, b = row["prompt"][len("What is ") : -1].split("+")
+        think = f"<think>{a}+{b}={row['answer']}</think>" if self.think else ""
+        return f"{think}<answer>{row['answer']}</answer>"
+
+    def sft_rows(self, num_samples: int, *, seed: int) -> list[dict[str, Any]]:
+        """Prompt + reference completion pairs (for cold-start SFT)."""
+        return [dict(r, completion=self.completion(r)) for r in self.rows(num_samples, seed=seed)]

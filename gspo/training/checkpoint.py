@@ -1,0 +1,128 @@
+"""Atomic checkpoints: model + tokenizer (HF format), optimizer, scheduler, RNG states, data position, step.
+
+Layout under `OUTPUT_DIR/checkpoints/`:
+    rollout-000012/            one finished checkpoint
+        model/                 save_pretrained (config, safetensors, tokenizer)
+        optimizer.pt, scheduler.pt, rng.pt
+        trainer_state.json     rollout, optimizer step, sampler state, ...
+    latest                     a text file naming the newest finished checkpoint
+
+A checkpoint is written into a temporary sibling directory and renamed into place only once complete, and
+`latest` is replaced atomically afterwards, so a crash (even SIGKILL) mid-save never leaves a broken "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str,
+    rollout: int,
+    *,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> str:
+    """Write checkpoint `rollout-<rollout>` atomically and point `latest` at it. Returns its path."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    os.makedirs(root, exist_ok=True)
+    name = f"rollout-{rollout:06d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(os.path.join(tmp, "model"))
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+        json.dump(trainer_state, f, indent=1)
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # re-saving the same rollout (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_latest(root, name)
+    _prune(root, keep)
+    return final
+
+
+def _write_latest(root: str, name: str) -> None:
+    tmp = os.path.join(root, f".{LATEST}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+    _fsync_dir(root)
+
+
+def _prune(root: str, keep: int) -> None:
+    for entry in os.listdir(root):  # leftovers of saves that were killed midway
+        if entry.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    if keep <= 0:
+        return
+    done = sorted(e for e in os.listdir(root) if e.startswith("rollout-"))
+    for old in done[:-keep]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def resolve_checkpoint(output_dir: str, resume_from: str) -> str:
+    """`resume_from`: "latest" (newest finished checkpoint in output_dir) or a checkpoint directory."""
+    if resume_from != "latest":
+        if not os.path.isfile(os.path.join(resume_from, "trainer_state.json")):
+            raise FileNotFoundError(f"resume_from={resume_from!r} is not a checkpoint (no trainer_state.json)")
+        return resume_from
+    root = os.path.join(output_dir, CHECKPOINTS)
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        raise FileNotFoundError(f"resume_from=latest but {pointer} does not exist: no finished checkpoint yet")
+    with open(pointer, encoding="utf-8") as f:
+        return os.path.join(root, f.read().strip())
+
+
+def load_training_state(path: str, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG states; return trainer_state.json's contents."""
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,313 @@
+"""GSPOTrainer: one RL step = the hops of design.md, each timed.
+
+    prompts -> rollout -> rewards -> advantages -> old logprobs -> loss + k minibatch updates -> weight sync
+
+Deviations from the GSPO paper (Zheng et al., arXiv 2507.18071), all deliberate:
+- The paper does not give group size, batch size, learning rate or max length; they come from the config.
+- The sequence log-ratio is clamped to ±algorithm.max_log_ratio (default 10) before exp(), so a single
+  sequence cannot turn the batch into NaN; within the paper's clip range this never binds.
+- π_old is recomputed by the trainer by default (rollout.old_logp_source="trainer"); "engine" uses the
+  sampler's logprobs instead (saves one forward pass; the gap is logged as logp_gap/*).
+- Completions from which every reward function abstained get advantage 0 (they carry no signal) instead of
+  poisoning their group's statistics.
+- The minibatches of one rollout are a seeded random partition of its N completions (not whole groups),
+  as in the paper's "split each rollout batch into minibatches".
+
+Runs on one process (CPU or one GPU). Multi-GPU data parallelism needs a server-mode engine and sharded
+rollouts, which this trainer does not do yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from gspo.algorithms import LOSSES, group_advantages, group_reward_stats
+from gspo.data import PromptSampler, build_dataset
+from gspo.logging import HopTimer, MetricsWriter, format_summary
+from gspo.registry import STAGES
+from gspo.rewards import RewardSet
+from gspo.rollout import build_engine
+from gspo.rollout.base import RolloutBatch, SamplingSpec
+from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
+from gspo.training.logprobs import completion_logprobs
+from gspo.training.model import load_policy
+
+logger = logging.getLogger("gspo.trainer")
+
+
+@dataclass
+class RolloutData:
+    """Everything the update hops need from one rollout (N completions)."""
+
+    batch: RolloutBatch
+    rows: list[dict[str, Any]]  # B dataset rows
+    rewards: torch.Tensor  # [N]
+    adv: torch.Tensor  # [N]
+    old_logp: torch.Tensor | None = None  # [N, T]
+
+
+def _repeat(values: list[Any], g: int) -> list[Any]:
+    return [v for v in values for _ in range(g)]
+
+
+class GSPOTrainer:
+    def __init__(self, cfg: Any) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.out = cfg.output_dir
+        os.makedirs(self.out, exist_ok=True)
+        set_seed(cfg.seed)
+        trackers = list(cfg.logging.trackers) or None
+        self.accelerator = Accelerator(log_with=trackers, project_dir=self.out)
+
+        resume = resolve_checkpoint(self.out, cfg.resume_from) if cfg.resume_from else None
+        # A resumed run loads the checkpoint's weights as a plain HF directory (the engine loads the same).
+        model_cfg = replace(cfg.model, name_or_path=os.path.join(resume, "model"), tiny={}) if resume else cfg.model
+        self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
+        self.model_path = self.model.config._name_or_path  # where the engine loads the same weights from
+        self.spec = LOSSES.get(cfg.algorithm.name)
+        a = cfg.algorithm
+        self.clip_low = self.spec.clip_low if a.clip_low is None else a.clip_low
+        self.clip_high = self.spec.clip_high if a.clip_high is None else a.clip_high
+
+        self.dataset = build_dataset(cfg.data, seed=cfg.seed)
+        self.sampler = PromptSampler(len(self.dataset), cfg.rollout.prompts_per_step, seed=cfg.seed,
+                                     shuffle=cfg.data.shuffle)
+        base_dir = os.path.dirname(os.path.abspath(getattr(cfg, "source_path", None) or "."))
+        self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.dataset.columns, base_dir=base_dir)
+
+        o = cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                           weight_decay=o.weight_decay)
+        from transformers import get_scheduler
+
+        self.total_steps = cfg.train.num_rollouts * a.num_minibatches * a.num_epochs
+        self.scheduler = get_scheduler(o.scheduler, self.optimizer, num_warmup_steps=o.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.scheduler)
+
+        r = cfg.rollout
+        self.engine = build_engine(
+            r.engine, model_path=self.model_path, tokenizer=self.tokenizer, dtype=r.dtype or cfg.model.dtype,
+            seed=cfg.seed, max_model_len=r.max_model_len or self._default_max_len(),
+            gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+            enforce_eager=r.enforce_eager, model=self.accelerator.unwrap_model(self.model))
+
+        self.rollout_idx, self.global_step = 0, 0
+        if resume:
+            state = load_training_state(resume, self.optimizer, self.scheduler)
+            self.rollout_idx, self.global_step = state["rollout"], state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            logger.info("resumed from %s at rollout %d (optimizer step %d)", resume, self.rollout_idx,
+                        self.global_step)
+        self.metrics = MetricsWriter(self.out, self.accelerator,
+                                     keep_until_rollout=self.rollout_idx if resume else None)
+        if trackers:
+            self.accelerator.init_trackers(cfg.logging.project, config=cfg.to_dict())
+
+    def _default_max_len(self) -> int:
+        longest = max(len(self._prompt_ids(r)) for r in self.dataset.rows[:256])
+        return longest + self.cfg.rollout.max_new_tokens + 8
+
+    # --- hop helpers ------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
+        prompt = row["prompt"]
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _sampling(self) -> SamplingSpec:
+        r = self.cfg.rollout
+        return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                            top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + self.rollout_idx)
+
+    def _logp(self, batch: RolloutBatch, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Trainer log-probs of the batch's completion tokens (all rows, or the given row indices)."""
+        ids, mask = batch.completion_ids, batch.mask
+        prompt_ids = _repeat(batch.prompt_ids, batch.group_size)
+        if rows is not None:
+            idx = rows.tolist() if isinstance(rows, torch.Tensor) else list(range(ids.shape[0]))[rows]
+            prompt_ids, ids, mask = [prompt_ids[i] for i in idx], ids[idx], mask[idx]
+        return completion_logprobs(self.model, prompt_ids, ids.to(self.accelerator.device),
+                                   mask.to(self.accelerator.device), group_size=1,
+                                   pad_token_id=self.tokenizer.pad_token_id,
+                                   temperature=self.cfg.rollout.temperature)
+
+    def _completions_for_rewards(self, rows: list[dict[str, Any]], batch: RolloutBatch) -> list[Any]:
+        conversational = isinstance(rows[0]["prompt"], list)
+        if conversational:
+            return [[{"role": "assistant", "content": c}] for c in batch.completions]
+        return list(batch.completions)
+
+    # --- one RL step ------------------------------------------------------------------------------------
+
+    def step(self) -> list[dict[str, Any]]:
+        """One rollout and its k minibatch updates; returns the metric rows it wrote (one per optimizer step)."""
+        cfg, g = self.cfg, self.cfg.rollout.group_size
+        timer = HopTimer()
+        self.rollout_idx += 1
+
+        with timer("prompts"):
+            rows = [self.dataset.rows[i] for i in self.sampler.next_indices()]
+            prompt_ids = [self._prompt_ids(r) for r in rows]
+
+        with timer("rollout"):
+            batch = self.engine.generate(prompt_ids, self._sampling())
+
+        with timer("rewards"):
+            columns = {k: _repeat([r.get(k) for r in rows], g) for k in self.dataset.columns if k != "prompt"}
+            result = self.rewards(_repeat([r["prompt"] for r in rows], g),
+                                  self._completions_for_rewards(rows, batch),
+                                  [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask)],
+                                  columns)
+
+        with timer("advantages"):
+            adv = group_advantages(result.rewards, g, scale=self.spec.advantage)
+
+        data = RolloutData(batch, rows, result.rewards, adv)
+        with timer("old_logprobs"):
+            data.old_logp = self._old_logprobs(batch)
+
+        with timer("update"):
+            update_rows = self._update(data)
+
+        with timer("weight_sync"):
+            self.engine.update_weights(self.accelerator.unwrap_model(self.model))
+
+        rollout_metrics = self._rollout_metrics(data, result.metrics)
+        rollout_metrics.update(timer.metrics())
+        rows_out = []
+        for r in update_rows:
+            row = {"step": r.pop("step"), "rollout": self.rollout_idx, **r, **rollout_metrics}
+            self.metrics.write(row)
+            rows_out.append(row)
+        self._maybe_write_samples(data)
+        return rows_out
+
+    def _old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        trainer_logp = None
+        if self.cfg.rollout.old_logp_source == "trainer" or batch.logp is not None:
+            with torch.no_grad():
+                trainer_logp = self._logp(batch).float().cpu()
+        if self.cfg.rollout.old_logp_source == "engine":
+            if batch.logp is None:
+                raise RuntimeError(f"rollout.old_logp_source=engine but engine {self.cfg.rollout.engine!r} "
+                                   "returned no logprobs")
+            self._trainer_logp = trainer_logp
+            return batch.logp.float()
+        self._trainer_logp = trainer_logp
+        return trainer_logp
+
+    def _update(self, data: RolloutData) -> list[dict[str, Any]]:
+        """k minibatch updates per epoch over the rollout (GSPO paper §5.1: 4 minibatches)."""
+        a, n = self.cfg.algorithm, data.batch.num_completions
+        k = a.num_minibatches
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.rollout_idx)
+        loss_fn = self.spec.fn
+        opts = {"max_log_ratio": a.max_log_ratio}
+        if self.cfg.algorithm.name == "dr_grpo":
+            opts["max_completion_length"] = self.cfg.rollout.max_new_tokens
+        out = []
+        self.model.train()
+        for epoch in range(a.num_epochs):
+            perm = torch.randperm(n, generator=gen)
+            for j, idx in enumerate(perm.chunk(k)):
+                logp = self._logp(data.batch, idx)
+                dev = logp.device
+                mask = data.batch.mask[idx].to(dev)
+                loss_out = loss_fn(logp, data.old_logp[idx].to(dev), data.adv[idx].to(dev), mask,
+                                   clip_low=self.clip_low, clip_high=self.clip_high, **opts)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss_out.loss)
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.global_step += 1
+                out.append({"step": self.global_step, "epoch": epoch, "minibatch": j,
+                            "loss": float(loss_out.loss.detach()), "grad_norm": float(grad_norm),
+                            "lr": self.scheduler.get_last_lr()[0], **loss_out.metrics})
+        return out
+
+    def _rollout_metrics(self, data: RolloutData, reward_metrics: dict[str, float]) -> dict[str, Any]:
+        g = self.cfg.rollout.group_size
+        b = data.batch
+        lengths = b.lengths.float()
+        stats = group_reward_stats(data.rewards, g)
+        finite = data.rewards[torch.isfinite(data.rewards)]
+        m: dict[str, Any] = {
+            "reward": float(finite.mean()) if finite.numel() else float("nan"),
+            "reward_std": stats["reward_std"],
+            "frac_reward_zero_std": stats["frac_reward_zero_std"],
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/truncated_frac": sum(r == "length" for r in b.finish_reasons) / len(b.finish_reasons),
+            "updates_per_rollout": self.cfg.algorithm.num_minibatches * self.cfg.algorithm.num_epochs,
+            "clip/low": self.clip_low,
+            "clip/high": self.clip_high,
+        }
+        m.update(reward_metrics)
+        if b.logp is not None and self._trainer_logp is not None:
+            valid = b.mask.bool()
+            gap = (b.logp.float() - self._trainer_logp)[valid].abs()
+            m["logp_gap/mean"] = float(gap.mean())
+            m["logp_gap/max"] = float(gap.max())
+        return m
+
+    def _maybe_write_samples(self, data: RolloutData) -> None:
+        lg = self.cfg.logging
+        if lg.sample_every <= 0 or self.rollout_idx % lg.sample_every:
+            return
+        g = self.cfg.rollout.group_size
+        samples = [{"prompt": data.rows[i // g]["prompt"], "completion": data.batch.completions[i],
+                    "reward": float(data.rewards[i]), "adv": float(data.adv[i]),
+                    "finish_reason": data.batch.finish_reasons[i]}
+                   for i in range(min(lg.num_samples, data.batch.num_completions))]
+        self.metrics.write_samples(self.rollout_idx, samples)
+
+    # --- loop, checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> str:
+        state = {"rollout": self.rollout_idx, "step": self.global_step, "sampler": self.sampler.state_dict()}
+        return save_checkpoint(self.out, self.rollout_idx, model=self.accelerator.unwrap_model(self.model),
+                               tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+                               trainer_state=state, keep=self.cfg.train.keep_checkpoints)
+
+    def train(self) -> str:
+        """Run until train.num_rollouts; returns the final checkpoint's model directory."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        bar = tqdm(total=t.num_rollouts, initial=self.rollout_idx, disable=not self.cfg.logging.progress,
+                   desc="gspo", unit="rollout")
+        while self.rollout_idx < t.num_rollouts:
+            rows = self.step()
+            bar.update(1)
+            bar.set_postfix_str(format_summary(rows[-1]))
+            if t.save_every and self.rollout_idx % t.save_every == 0:
+                self.save()
+        bar.close()
+        if not (t.save_every and self.rollout_idx % t.save_every == 0):
+            self.save()
+        final = os.path.join(self.out, "final")
+        self.accelerator.unwrap_model(self.model).save_pretrained(final)
+        self.tokenizer.save_pretrained(final)
+        self.engine.close()
+        self.accelerator.end_training()
+        return final
+
+
+@STAGES.register("rl")
+def run_rl(cfg: Any) -> str:
+    """The `rl` stage: GSPO (or a baseline named by algorithm.name) on the configured rewards."""
+    return GSPOTrainer(cfg).train()
