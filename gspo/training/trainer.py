@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from gspo.algorithms import LOSSES, group_advantages, group_reward_stats
+from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.data import PromptSampler, build_dataset
 from gspo.logging import HopTimer, MetricsWriter, format_summary
-from gspo.registry import STAGES
+from gspo.registry import LOSSES, STAGES
 from gspo.rewards import RewardSet
 from gspo.rollout import build_engine
 from gspo.rollout.base import RolloutBatch, SamplingSpec
@@ -49,6 +49,7 @@ class RolloutData:
     rewards: torch.Tensor  # [N]
     adv: torch.Tensor  # [N]
     old_logp: torch.Tensor | None = None  # [N, T]
+    ref_logp: torch.Tensor | None = None  # [N, T], only when algorithm.beta > 0
 
 
 def _repeat(values: list[Any], g: int) -> list[Any]:
@@ -71,7 +72,12 @@ class GSPOTrainer:
         # A resumed run loads the checkpoint's weights as a plain HF directory (the engine loads the same).
         model_cfg = replace(cfg.model, name_or_path=os.path.join(resume, "model"), tiny={}) if resume else cfg.model
         self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
-        self.model_path = self.model.config._name_or_path  # where the engine loads the same weights from
+        self.model_path = self.model.config.gspo_model_path  # where the engine loads the same weights from
+        # The KL reference is the stage's starting policy (cfg.model, also after a resume), frozen.
+        self.ref_model = None
+        if cfg.algorithm.beta > 0:
+            self.ref_model, _ = load_policy(cfg.model, output_dir=self.out)
+            self.ref_model.eval().requires_grad_(False)
         self.spec = LOSSES.get(cfg.algorithm.name)
         a = cfg.algorithm
         self.clip_low = self.spec.clip_low if a.clip_low is None else a.clip_low
@@ -131,14 +137,14 @@ class GSPOTrainer:
         return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                             top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + self.rollout_idx)
 
-    def _logp(self, batch: RolloutBatch, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    def _logp(self, batch: RolloutBatch, rows: torch.Tensor | None = None, *, model: Any = None) -> torch.Tensor:
         """Trainer log-probs of the batch's completion tokens (all rows, or the given row indices)."""
         ids, mask = batch.completion_ids, batch.mask
         prompt_ids = _repeat(batch.prompt_ids, batch.group_size)
         if rows is not None:
-            idx = rows.tolist() if isinstance(rows, torch.Tensor) else list(range(ids.shape[0]))[rows]
+            idx = rows.tolist()
             prompt_ids, ids, mask = [prompt_ids[i] for i in idx], ids[idx], mask[idx]
-        return completion_logprobs(self.model, prompt_ids, ids.to(self.accelerator.device),
+        return completion_logprobs(model or self.model, prompt_ids, ids.to(self.accelerator.device),
                                    mask.to(self.accelerator.device), group_size=1,
                                    pad_token_id=self.tokenizer.pad_token_id,
                                    temperature=self.cfg.rollout.temperature)
@@ -177,6 +183,9 @@ class GSPOTrainer:
         data = RolloutData(batch, rows, result.rewards, adv)
         with timer("old_logprobs"):
             data.old_logp = self._old_logprobs(batch)
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
 
         with timer("update"):
             update_rows = self._update(data)
@@ -214,9 +223,9 @@ class GSPOTrainer:
         k = a.num_minibatches
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.rollout_idx)
         loss_fn = self.spec.fn
-        opts = {"max_log_ratio": a.max_log_ratio}
-        if self.cfg.algorithm.name == "dr_grpo":
-            opts["max_completion_length"] = self.cfg.rollout.max_new_tokens
+        # max_completion_length is Dr.GRPO's constant normalizer (G · L_max); the other losses ignore it.
+        opts = {"max_log_ratio": a.max_log_ratio, "max_completion_length": self.cfg.rollout.max_new_tokens,
+                "beta": a.beta, "kl_estimator": a.kl_estimator}
         out = []
         self.model.train()
         for epoch in range(a.num_epochs):
@@ -225,8 +234,9 @@ class GSPOTrainer:
                 logp = self._logp(data.batch, idx)
                 dev = logp.device
                 mask = data.batch.mask[idx].to(dev)
+                ref_logp = data.ref_logp[idx].to(dev) if data.ref_logp is not None else None
                 loss_out = loss_fn(logp, data.old_logp[idx].to(dev), data.adv[idx].to(dev), mask,
-                                   clip_low=self.clip_low, clip_high=self.clip_high, **opts)
+                                   clip_low=self.clip_low, clip_high=self.clip_high, ref_logp=ref_logp, **opts)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss_out.loss)
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
