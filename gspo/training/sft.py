@@ -14,6 +14,7 @@ from gspo.data import load_rows
 from gspo.logging import MetricsWriter
 from gspo.registry import STAGES, TASKS
 from gspo.training.model import load_policy
+from gspo.training.optim import scheduler_name
 
 
 def _as_messages(x: Any, role: str) -> list[dict[str, str]]:
@@ -69,7 +70,7 @@ def run_sft(cfg: Any) -> str:
         adam_beta2=o.adam_beta2,
         adam_epsilon=o.adam_eps,
         max_grad_norm=o.max_grad_norm,
-        lr_scheduler_type=o.scheduler,
+        lr_scheduler_type=scheduler_name(o),
         warmup_steps=o.warmup_steps,
         num_train_epochs=s.num_epochs,
         max_steps=s.max_steps,

@@ -36,6 +36,7 @@ from gspo.rollout.base import RolloutBatch, SamplingSpec
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.model import load_policy
+from gspo.training.optim import build_optimizer
 
 logger = logging.getLogger("gspo.trainer")
 
@@ -79,9 +80,7 @@ class GSPOTrainer:
             self.ref_model, _ = load_policy(cfg.model, output_dir=self.out)
             self.ref_model.eval().requires_grad_(False)
         self.spec = LOSSES.get(cfg.algorithm.name)
-        a = cfg.algorithm
-        self.clip_low = self.spec.clip_low if a.clip_low is None else a.clip_low
-        self.clip_high = self.spec.clip_high if a.clip_high is None else a.clip_high
+        self.clip_low, self.clip_high = cfg.clip_range()
 
         self.dataset = build_dataset(cfg.data, seed=cfg.seed)
         self.sampler = PromptSampler(len(self.dataset), cfg.rollout.prompts_per_step, seed=cfg.seed,
@@ -89,15 +88,7 @@ class GSPOTrainer:
         base_dir = os.path.dirname(os.path.abspath(getattr(cfg, "source_path", None) or "."))
         self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.dataset.columns, base_dir=base_dir)
 
-        o = cfg.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                                           weight_decay=o.weight_decay)
-        from transformers import get_scheduler
-
-        self.total_steps = cfg.train.num_rollouts * a.num_minibatches * a.num_epochs
-        self.scheduler = get_scheduler(o.scheduler, self.optimizer, num_warmup_steps=o.warmup_steps,
-                                       num_training_steps=self.total_steps)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.total_optimizer_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.scheduler)
 

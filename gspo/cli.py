@@ -1,0 +1,212 @@
+"""The `gspo` command: parse, validate, dispatch. No training logic lives here.
+
+    gspo validate CONFIG [key=value ...]   check a config and every name in it; print a resolved summary
+    gspo train CONFIG [key=value ...]      validate, then run the config's stage
+    gspo pipeline CONFIG                   multi-stage runs (not available yet)
+    gspo config-reference                  print the config reference (docs/config.md)
+
+Config errors print `error: <message>` on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import MISSING, fields, is_dataclass
+from typing import Any
+
+from gspo.config import Config, ConfigError, RewardSpec, load_config, public_fields, type_name
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gspo", description="GSPO post-training for Mixture-of-Experts models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides_help = "overrides `key.sub=value` (value parsed as YAML), applied after the file"
+    v = sub.add_parser("validate", help="check a config without loading a model; print a summary")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*", help=overrides_help)
+    v.add_argument("--print-config", action="store_true", help="also print the full resolved config as YAML")
+    t = sub.add_parser("train", help="validate a config, then run its stage")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help=overrides_help)
+    pl = sub.add_parser("pipeline", help="run a multi-stage pipeline file")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help=overrides_help)
+    sub.add_parser("config-reference", help="print the config reference as markdown").add_argument(
+        "--markdown", action="store_true", help="(default) markdown output")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def summary(cfg: Config) -> str:
+    """A short resolved view: the facts a user checks before spending GPU time."""
+    from gspo.registry import LOSSES, STAGES
+
+    a, r = cfg.algorithm, cfg.rollout
+    low, high = cfg.clip_range()
+    default = " (algorithm default)" if a.clip_low is None and a.clip_high is None else ""
+    k = cfg.optimizer_steps_per_rollout
+    runner = "" if cfg.stage in STAGES else "  [no runner registered: `gspo train` is not available yet]"
+    lines = [
+        f"stage:      {cfg.stage}{runner}",
+        f"model:      {cfg.model.name_or_path} ({cfg.model.dtype}, experts={cfg.model.experts_implementation}"
+        + (f", LoRA r={cfg.lora.r}" if cfg.lora.enabled else "") + ")",
+        "data:       " + (f"task {cfg.data.task} ({cfg.data.num_samples} rows)" if cfg.data.task
+                           else f"{cfg.data.path} [{cfg.data.split}]"),
+        (f"rollout:    {r.engine}, {r.prompts_per_step} prompts x {r.group_size} completions = "
+         f"{cfg.completions_per_rollout} per rollout, <= {r.max_new_tokens} new tokens, "
+         f"dtype {cfg.rollout_dtype}"),
+        (f"algorithm:  {a.name} ({LOSSES.get(a.name).level} level), "
+         f"clip range [1 - {low:g}, 1 + {high:g}]{default}")
+        + (f", beta {a.beta:g} ({a.kl_estimator})" if a.beta > 0 else ""),
+        f"updates:    {k} optimizer steps per rollout ({a.num_minibatches} minibatches of "
+        f"{cfg.completions_per_rollout // a.num_minibatches} completions x {a.num_epochs} epoch(s))"
+        + ("  [on-policy: ratio = 1, clipping never fires]" if k == 1 else ""),
+        (f"length:     {cfg.train.num_rollouts} rollouts = {cfg.total_optimizer_steps} optimizer steps, "
+         f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})"),
+        "rewards:    " + (", ".join(f"{s.name or s.fn} x {s.weight:g}" for s in cfg.rewards) or "(none)"),
+        f"output_dir: {cfg.output_dir}" + (f" (resume from {cfg.resume_from})" if cfg.resume_from else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(summary(cfg))
+    if args.print_config:
+        print("---")
+        print(cfg.to_yaml(), end="")
+    print("config OK")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gspo.registry import STAGES
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.stage not in STAGES:
+        return _fail(f"stage {cfg.stage!r} is not available yet (stages with a runner: "
+                     f"{', '.join(STAGES.names()) or 'none'})")
+    print(summary(cfg), flush=True)
+    # The resolved config next to the outputs: `gspo train OUTPUT_DIR/config.yaml`, run from the same
+    # directory (relative paths resolve against it), repeats the run.
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(cfg.to_yaml())
+    result = STAGES.get(cfg.stage)(cfg)
+    if result:
+        print(f"done: {result}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    return _fail(f"`gspo pipeline` is not available yet (config {args.config!r}); "
+                 "run each stage with `gspo train`")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The config reference (docs/config.md is this function's output)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fmt_default(f: Any) -> str:
+    if f.default_factory is not MISSING:
+        value = f.default_factory()
+        if is_dataclass(value):
+            return ""
+    else:
+        value = f.default
+    if f.metadata.get("required"):
+        return "required"
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, list):
+        return "`[" + ", ".join(map(str, value)) + "]`"
+    if isinstance(value, dict):
+        return "`{}`" if not value else f"`{value}`"
+    return f"`{value!r}`"
+
+
+def _table(cls: type, prefix: str) -> list[str]:
+    from gspo.config import _hints
+
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for f in public_fields(cls):
+        bounds = f.metadata.get("bounds", {})
+        extra = " ".join(f"({'≥' if op == 'ge' else '>' if op == 'gt' else '≤' if op == 'le' else '<'} {v})"
+                         for op, v in bounds.items())
+        help_text = f.metadata["help"] + (f" {extra}" if extra else "")
+        rows.append(f"| `{prefix}{f.name}` | {type_name(_hints(cls)[f.name]).replace('|', '&#124;')} | "
+                    f"{_fmt_default(f)} | {help_text.replace('|', '&#124;')} |")
+    return rows
+
+
+def config_reference() -> str:
+    """The markdown reference of every config key, generated from the field definitions."""
+    out = [
+        "# Config reference",
+        "",
+        "<!-- Generated by `gspo config-reference > docs/config.md`; edit the fields in gspo/config.py. -->",
+        "",
+        ("One YAML file per stage. Precedence: field default < YAML file < command-line override "
+         "(`gspo train CONFIG key.sub=value ...`, the value parsed as YAML: `algorithm.clip_high=4e-4`, "
+         "`lora.target_modules=[q_proj,v_proj]`, `model.tiny.num_experts=8`, `rewards.0.weight=0.5`). "
+         "`gspo validate CONFIG` checks a config without loading a model."),
+        "",
+        ("Unknown keys, wrong types and invalid choices are errors that name the key. `gspo validate` also "
+         "checks the rules that span fields: `rollout.prompts_per_step * rollout.group_size` divisible by "
+         "`algorithm.num_minibatches`; a sequence-level algorithm (gspo, gspo_token) with a clip ≥ 0.01 "
+         "needs `algorithm.allow_wide_clip: true`; `lora.target_parameters` needs `lora.enabled`; "
+         "`model.tiny` needs a `tiny:` model and only fields of that family's transformers config; exactly "
+         "one of `data.task` / `data.path`; a local `data.path` must exist; stage `rl` needs a reward; and "
+         "every name (stage, loss, engine, task, KL estimator, reward function, tiny family) must be "
+         "registered."),
+        "",
+        "## Top level",
+        "",
+    ]
+    sections = []
+    top = []
+    for f in public_fields(Config):
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory()):
+            sections.append(f)
+        elif f.name != "rewards":
+            top.append(f)
+    rows = _table(Config, "")
+    out += [rows[0], rows[1]] + [r for r, f in zip(rows[2:], public_fields(Config)) if f in top] + [""]
+    for f in sections:
+        out += [f"## `{f.name}`", "", f.metadata["help"], ""] + _table(f.default_factory, f"{f.name}.") + [""]
+    rewards = next(f for f in fields(Config) if f.name == "rewards")
+    out += ["## `rewards`", "", rewards.metadata["help"] + " " + (RewardSpec.__doc__ or ""),
+            "Each item:", ""] + _table(RewardSpec, "rewards.N.") + [""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "pipeline":
+            return _pipeline(args)
+        print(config_reference(), end="")
+        return 0
+    except ConfigError as e:
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Optimizer and learning-rate schedule from the `optim` config section (shared by the RL and SFT stages)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def scheduler_name(optim_cfg: Any) -> str:
+    """transformers' scheduler name; its "constant" ignores warm-up steps, "constant_with_warmup" does not."""
+    if optim_cfg.scheduler == "constant" and optim_cfg.warmup_steps > 0:
+        return "constant_with_warmup"
+    return optim_cfg.scheduler
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg: Any, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters and its schedule over `total_steps` optimizer steps."""
+    from transformers import get_scheduler
+
+    o = optim_cfg
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                  weight_decay=o.weight_decay)
+    scheduler = get_scheduler(scheduler_name(o), optimizer, num_warmup_steps=o.warmup_steps,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
