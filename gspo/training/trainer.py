@@ -86,7 +86,9 @@ class GSPOTrainer:
         self.sampler = PromptSampler(len(self.dataset), cfg.rollout.prompts_per_step, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
         base_dir = os.path.dirname(os.path.abspath(getattr(cfg, "source_path", None) or "."))
-        self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.dataset.columns, base_dir=base_dir)
+        # Dataset columns other than the prompt reach reward functions as keywords (TRL's contract).
+        self.columns = [c for c in self.dataset.columns if c != "prompt"]
+        self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.columns, base_dir=base_dir)
 
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.total_optimizer_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
@@ -162,7 +164,7 @@ class GSPOTrainer:
             batch = self.engine.generate(prompt_ids, self._sampling())
 
         with timer("rewards"):
-            columns = {k: _repeat([r.get(k) for r in rows], g) for k in self.dataset.columns if k != "prompt"}
+            columns = {k: _repeat([r.get(k) for r in rows], g) for k in self.columns}
             result = self.rewards(_repeat([r["prompt"] for r in rows], g),
                                   self._completions_for_rewards(rows, batch),
                                   [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask)],

@@ -1,0 +1,210 @@
+"""The code-execution reward and its sandbox: correct/wrong programs, then hostile ones. The trainer (this
+pytest process) must survive each hostile program and score it 0. Small limits keep the suite fast."""
+
+import json
+import os
+import socket
+import textwrap
+
+import pytest
+from gspo_rewards import code as code_reward
+from gspo_rewards.sandbox import UID_BASE, Limits, SandboxUnavailable, default_hide, run_program
+
+from gspo.rewards import RewardLoadError, RewardSet
+
+
+def _isolation_works() -> bool:
+    try:
+        return code_reward.check_isolation()
+    except SandboxUnavailable:
+        return False
+
+
+# CI runs as root, where isolation works and every test below runs. Elsewhere the reward must refuse to run:
+# test_refuses_to_run_without_isolation checks that on such machines.
+ISOLATED = _isolation_works()
+needs_root = pytest.mark.skipif(not ISOLATED, reason="the sandbox cannot isolate here (needs root + namespaces)")
+LIMITS = {"cpu_s": 1, "wall_s": 3.0, "memory_mb": 256}
+DOUBLE = [{"input": "3\n", "output": "6"}, {"input": "10\n", "output": "20"}]
+
+
+def block(src: str) -> str:
+    return "Here is my solution:\n```python\n" + textwrap.dedent(src).strip() + "\n```"
+
+
+def score(src: str, cases=DOUBLE, **kwargs) -> float | None:
+    return code_reward.code_execution(["task"], [block(src)], test_cases=[cases], **LIMITS, **kwargs)[0]
+
+
+def sandbox_processes() -> list[int]:
+    """Pids of processes still running under a sandbox uid (there must be none after a run)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid >= UID_BASE:
+                    found.append(int(entry))
+            except FileNotFoundError:
+                pass
+    return found
+
+
+# ------------------------------------------------------------------------------------------ plain scoring
+
+
+@needs_root
+@pytest.mark.parametrize("src,expected", [
+    ("print(int(input()) * 2)", 1.0),
+    ("print(int(input()) + 2)", 0.0),  # right on neither case
+    ("print(int(input()) + 3)", 0.0),  # right on the first case only: all must pass
+    ("raise SystemExit(1)", 0.0),
+    ("print(int(input()) * 2   )\nprint()  ", 1.0),  # trailing whitespace / blank lines ignored
+])
+def test_stdin_stdout_cases(src, expected):
+    assert score(src) == expected
+
+
+@needs_root
+def test_partial_credit_asserts_json_cases_no_code_and_no_cases():
+    assert score("print(int(input()) + 3)", partial_credit=True) == 0.5
+    asserts = ["assert double(2) == 4", {"assert": "assert double(-1) == -2"}]
+    assert score("def double(x):\n    return 2 * x", cases=asserts) == 1.0
+    assert score("def double(x):\n    return x + 2", cases=asserts) == 0.0
+    assert score("print(int(input()) * 2)", cases=json.dumps(DOUBLE)) == 1.0
+    out = code_reward.code_execution(["t"] * 2, ["no code at all", block("print(1)")], test_cases=[DOUBLE, []],
+                                     **LIMITS)
+    assert out == [0.0, None]
+
+
+@needs_root
+def test_many_samples_run_in_parallel_and_keep_their_order():
+    srcs = ["print(int(input()) * 2)", "print(0)"] * 4
+    out = code_reward.code_execution(["t"] * 8, [block(s) for s in srcs], test_cases=[DOUBLE] * 8, max_workers=4,
+                                     **LIMITS)
+    assert out == [1.0, 0.0] * 4
+
+
+@needs_root
+def test_reward_set_runs_code_execution_with_the_startup_check():
+    rs = RewardSet.from_specs([{"fn": "code_execution", "kwargs": LIMITS}], columns=["test_cases"])
+    out = rs(["t"] * 2, [block("print(int(input()) * 2)"), block("print(5)")], [[1], [2]],
+             {"test_cases": [DOUBLE, DOUBLE]})
+    assert out.rewards.tolist() == [1.0, 0.0]
+    with pytest.raises(RewardLoadError, match="test_cases"):
+        RewardSet.from_specs([{"fn": "code_execution"}], columns=["tests"])
+
+
+# ------------------------------------------------------------------------------------------------ hostile
+
+
+@needs_root
+def test_fork_bomb():
+    assert score("import os\nwhile True:\n    os.fork()\nprint(6)") == 0.0
+    assert sandbox_processes() == []
+    assert score("print(int(input()) * 2)") == 1.0  # the sandbox still works afterwards
+
+
+@needs_root
+def test_memory_hog():
+    assert score("x = []\nwhile True:\n    x.append(bytearray(10**7))") == 0.0
+    assert score("x = bytearray(10**10)\nprint(6)") == 0.0
+
+
+@needs_root
+def test_infinite_loops_cpu_and_wall():
+    assert score("while True:\n    pass") == 0.0  # CPU limit
+    assert score("import time\ntime.sleep(1000)") == 0.0  # wall deadline (no CPU used)
+    assert sandbox_processes() == []
+
+
+@needs_root
+def test_writing_outside_the_work_dir(tmp_path, monkeypatch):
+    trainer_cwd = tmp_path / "trainer"
+    trainer_cwd.mkdir()
+    monkeypatch.chdir(trainer_cwd)  # the trainer's working directory is hidden and not writable
+    targets = [trainer_cwd / "escaped.txt", tmp_path / "escaped.txt"]
+    src = "\n".join(f"open({str(t)!r}, 'w').write('pwned')" for t in targets) + "\nprint(6)"
+    assert score(src) == 0.0
+    assert not any(t.exists() for t in targets)
+    (trainer_cwd / "trainer_data.txt").write_text("private")
+    listing = f"import os\ntry:\n    print(os.listdir({str(trainer_cwd)!r}))\nexcept OSError as e:\n    print(e)"
+    result = run_program(listing, limits=Limits(**LIMITS))
+    assert result.status == "ok" and result.stdout and "trainer_data" not in result.stdout
+
+
+@needs_root
+def test_reading_the_parent_environment(monkeypatch):
+    secret = "s3cr3t-token-for-the-sandbox-test"
+    monkeypatch.setenv("GSPO_TEST_SECRET", secret)
+    src = f"""
+        import os, glob
+        print(os.environ.get("GSPO_TEST_SECRET", ""))
+        for path in ["/proc/self/environ", "/proc/1/environ", "/proc/{os.getpid()}/environ", *glob.glob("/proc/*/environ")]:
+            try:
+                print(open(path, "rb").read().decode(errors="replace"))
+            except OSError:
+                pass
+    """
+    result = run_program(textwrap.dedent(src), limits=Limits(**LIMITS))
+    assert result.status == "ok" and secret not in result.stdout
+    assert score(src, cases=[{"input": "", "output": secret}]) == 0.0
+
+
+@needs_root
+def test_opening_a_socket():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    try:
+        src = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'hi')\nprint(6)"
+        assert score(src) == 0.0
+        with pytest.raises(socket.timeout):
+            listener.accept()  # no connection ever arrived
+    finally:
+        listener.close()
+
+
+@needs_root
+def test_killing_its_parent_and_the_trainer():
+    me = os.getpid()
+    src = f"""
+        import os
+        for pid in (os.getppid(), {me}):
+            try:
+                os.kill(pid, 9)
+                print("sent", pid)
+            except Exception as e:
+                print(type(e).__name__, pid)
+        os.killpg(os.getpgrp(), 9)
+    """
+    result = run_program(textwrap.dedent(src), limits=Limits(**LIMITS))
+    assert result.status == "ok"  # the launcher reported back: it survived
+    assert f"sent {me}" not in result.stdout  # the trainer's pid is not reachable from the sandbox
+    assert score(src, cases=[{"input": "", "output": "sent"}]) == 0.0
+    assert os.getpid() == me and sandbox_processes() == []
+
+
+# ------------------------------------------------------------------------------------------- fail closed
+
+
+def test_refuses_to_run_without_isolation(monkeypatch):
+    if ISOLATED:  # simulate an unprivileged machine: the probe's verdict is what the reward acts on
+        monkeypatch.setitem(code_reward._probe, "reason", "not root: cannot create namespaces")
+    with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
+        score("print(int(input()) * 2)")
+    with pytest.raises(RewardLoadError, match="refuses to run"):
+        RewardSet.from_specs([{"fn": "code_execution"}], columns=["test_cases"])
+    # The explicit opt-out runs (rlimits, empty environment, temporary directory only).
+    assert score("print(int(input()) * 2)", allow_unisolated=True) == 1.0
+    assert score("print(int(input()) + 1)", allow_unisolated=True) == 0.0
+
+
+@needs_root
+def test_nested_hidden_paths_are_covered_once():
+    inner = os.getcwd()
+    outer = os.path.dirname(inner)
+    src = f"import os\nprint(6 * 7)\nprint(os.listdir({outer!r}))"
+    result = run_program(src, limits=Limits(**LIMITS), hide=[inner, outer, *default_hide()])
+    assert result.status == "ok" and result.stdout.splitlines() == ["42", "[]"]
