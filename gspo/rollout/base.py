@@ -80,3 +80,51 @@ class RolloutEngine(Protocol):
     def wake_up(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def assemble_batch(
+    prompt_ids: list[list[int]],
+    completions: list[list[int]],
+    logps: list[list[float]] | None,
+    finish_reasons: list[str],
+    texts: list[str],
+    *,
+    group_size: int,
+    pad_token_id: int,
+    **extras: Any,
+) -> RolloutBatch:
+    """Pad N prompt-major completions (token lists, sampler logprobs) into a `RolloutBatch`.
+
+    Every engine ends with this call, so the padding/mask/ordering rules live in one place.
+    """
+    n = len(completions)
+    if n != len(prompt_ids) * group_size:
+        raise ValueError(f"assemble_batch: {n} completions != {len(prompt_ids)} prompts x group_size {group_size}")
+    t = max((len(c) for c in completions), default=0)
+    completion_ids = torch.full((n, t), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, t), dtype=torch.float32)
+    logp = torch.zeros((n, t), dtype=torch.float32) if logps is not None else None
+    for i, ids in enumerate(completions):
+        completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, : len(ids)] = 1.0
+        if logp is not None:
+            logp[i, : len(ids)] = torch.tensor(logps[i], dtype=torch.float32)
+    return RolloutBatch(
+        prompt_ids=[list(p) for p in prompt_ids],
+        completion_ids=completion_ids,
+        mask=mask,
+        logp=logp,
+        finish_reasons=list(finish_reasons),
+        completions=list(texts),
+        group_size=group_size,
+        extras=dict(extras),
+    )
+
+
+def derive_seed(seed: int | None, prompt_index: int, group_size: int) -> int | None:
+    """Per-prompt sampling seed from the call's seed: prompt b gets seeds base + b*G .. base + b*G + G - 1
+    (vLLM gives the k-th of n samples seed + k), so no two completions of one call share a seed."""
+    if seed is None:
+        return None
+    base = (int(seed) * 1_000_003) % (2**31 - 2**24)
+    return base + prompt_index * group_size

@@ -1,0 +1,155 @@
+"""Transformers `generate` engine: no vLLM needed; samples with the trainer's policy itself.
+
+Same outputs as the vLLM engine: prompt-major rows, sampler logprobs of the drawn tokens after the same
+temperature / top-k / top-p processing (from `output_scores`, which are the processed scores the sampler
+drew from: log_softmax of them is the sampling distribution), finish reasons "stop" / "length".
+
+Batching: all B*G rows go through one `generate` call (each prompt repeated G times, prompt-major), or
+`batch_prompts` prompts at a time when set. Seeds: with `SamplingSpec.seed` set, each such call runs under
+a forked RNG seeded with `derive_seed(seed, first_prompt_index, G)`, so the same prompts, seed and
+`batch_prompts` give the same completions and the caller's global RNG is left untouched. (Unlike vLLM, a
+prompt's samples depend on the other prompts of its call: one sampler draws for the whole batch.)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from gspo.registry import ROLLOUT_ENGINES
+from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, derive_seed
+
+
+class HFGenerateEngine:
+    """Samples with `model.generate`. With `model` = the trainer's policy no weight sync is needed;
+    `update_weights` copies parameters when the engine holds a separate copy."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_prompts: int = 0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch_prompts = batch_prompts  # 0 = all prompts in one generate call
+        self.last_sync_seconds: float | None = None
+
+    def _generation_config(self, sampling: SamplingSpec):
+        from transformers import GenerationConfig
+
+        greedy = sampling.temperature == 0
+        eos = sorted({*sampling.stop_token_ids, *([self.eos_token_id] if self.eos_token_id is not None else [])})
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            # 0 (not None) switches top-k off: None would fall back to transformers' default of 50.
+            top_k=None if greedy else max(sampling.top_k, 0),
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self.pad_token_id,
+            num_return_sequences=1,  # prompts are repeated G times instead (also valid for greedy)
+            output_scores=True,
+            return_dict_in_generate=True,
+        ), set(eos)
+
+    @torch.no_grad()
+    def _sample(self, prompts: list[list[int]], sampling: SamplingSpec, gen_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each prompt G times, prompt-major; left-padded so generated tokens start at the same column.
+        prompts = [p for p in prompts for _ in range(sampling.n)]
+        device = next(self.model.parameters()).device
+        p_len = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), p_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), p_len), dtype=torch.long)
+        for b, ids in enumerate(prompts):
+            input_ids[b, p_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, p_len - len(ids):] = 1
+        out = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg
+        )
+        new_tokens = out.sequences[:, p_len:].cpu()  # [b*G, steps]
+        # scores: one [b*G, V] tensor per step, already processed (temperature, top-k, top-p): the sampler's
+        # distribution is their softmax. Gather the drawn token's log-probability at each step.
+        if new_tokens.shape[1] == 0:
+            return new_tokens, torch.zeros_like(new_tokens, dtype=torch.float32)
+        logps = [
+            torch.log_softmax(s.float(), dim=-1).gather(-1, new_tokens[:, t:t + 1].to(s.device)).squeeze(-1).cpu()
+            for t, s in enumerate(out.scores)
+        ]
+        return new_tokens, torch.stack(logps, dim=1)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> RolloutBatch:
+        gen_cfg, stop_ids = self._generation_config(sampling)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            step = self.batch_prompts or len(prompt_ids)
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            parts = []
+            for start in range(0, len(prompt_ids), step):
+                chunk = prompt_ids[start:start + step]
+                if sampling.seed is None:
+                    parts.append(self._sample(chunk, sampling, gen_cfg))
+                    continue
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(derive_seed(sampling.seed, start, sampling.n))
+                    parts.append(self._sample(chunk, sampling, gen_cfg))
+        finally:
+            self.model.train(was_training)
+        completions, logps, reasons = [], [], []
+        for tokens, lp in parts:
+            for row, row_lp in zip(tokens.tolist(), lp.tolist(), strict=True):
+                # Cut at the first stop token (kept, like vLLM); the rest is generate's padding.
+                end = next((k + 1 for k, tok in enumerate(row) if tok in stop_ids), None)
+                completions.append(row[:end] if end is not None else row)
+                logps.append(row_lp[:end] if end is not None else row_lp)
+                reasons.append("stop" if end is not None else "length")
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return assemble_batch(
+            prompt_ids, completions, logps, reasons, texts, group_size=sampling.n, pad_token_id=self.pad_token_id
+        )
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """No-op when sampling with the trainer's own module; else copy its parameters in."""
+        start = time.perf_counter()
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def sleep(self) -> None:  # the policy is the trainer's: nothing to release
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.model = None
+
+
+@ROLLOUT_ENGINES.register("hf_generate")
+def build_hf_generate(
+    model_path: str,
+    tokenizer: Any,
+    *,
+    dtype: str,
+    seed: int,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    kv_cache_memory_bytes: int | None,
+    enforce_eager: bool,
+    model: torch.nn.Module | None = None,
+) -> HFGenerateEngine:
+    """Engine builder. Samples with `model` (the trainer's policy, no sync needed) when given; otherwise
+    loads its own copy from `model_path` in `dtype` (then `update_weights` copies the trainer's weights)."""
+    del seed, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        from gspo.training.model import _torch_dtype
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype, "rollout.dtype"))
+        model.requires_grad_(False)
+    return HFGenerateEngine(model, tokenizer)
+
+
+__all__ = ["HFGenerateEngine", "build_hf_generate"]

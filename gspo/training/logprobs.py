@@ -1,0 +1,139 @@
+"""Per-token log-probabilities of completions under the policy (hop 5, and the logp of the loss in hop 6).
+
+GSPO's ratio s_i(θ) (paper Eq. 7) is built from per-token log-probabilities log π_θ(y_{i,t} | x, y_{i,<t});
+this module computes them for N = B·G completions at once without materializing [N, T, V] fp32 logits:
+
+- each prompt is left-padded and followed by its completions (prompt-major rows), with an attention_mask
+  that is 0 on padding and position_ids = cumsum(attention_mask) - 1, so every real token sits at the same
+  position as it would unpadded;
+- only the decoder runs on the whole batch; `lm_head` is applied to the T hidden states that predict
+  completion tokens, `chunk_size` rows at a time, and each chunk's logits are turned into log-probabilities
+  (fp32 log_softmax + gather) and dropped. Under grad the chunk is checkpointed, so backward recomputes one
+  chunk's logits at a time as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+class CompletionForward(NamedTuple):
+    """`completion_logprobs(..., return_outputs=True)`: the log-probabilities plus what the MoE code needs.
+
+    logp:           [N, T] float32 (0 on padding).
+    outputs:        the decoder's output (`router_logits` per layer when `output_router_logits=True`).
+    attention_mask: [N, P + T] the mask the decoder ran with (left-padded prompt, then completion mask).
+    """
+
+    logp: torch.Tensor
+    outputs: Any
+    attention_mask: torch.Tensor
+
+
+def build_inputs(
+    prompt_ids: list[list[int]], completion_ids: torch.Tensor, mask: torch.Tensor, *, group_size: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompt + completion rows: (input_ids, attention_mask, position_ids, P) with P the padded
+    prompt length. Row i uses prompt i // group_size (prompt-major order)."""
+    n, _t = completion_ids.shape
+    if len(prompt_ids) * group_size != n:
+        raise ValueError(
+            f"completion_logprobs: {len(prompt_ids)} prompts x group_size {group_size} != {n} completion rows"
+        )
+    if mask.shape != completion_ids.shape:
+        raise ValueError(f"completion_logprobs: mask {tuple(mask.shape)} != completion_ids {tuple(completion_ids.shape)}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("completion_logprobs: every prompt needs at least one token (prompt i is empty)")
+    device = completion_ids.device
+    p_len = max(len(p) for p in prompt_ids)
+    prompts = torch.full((len(prompt_ids), p_len), pad_token_id, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros((len(prompt_ids), p_len), dtype=torch.long, device=device)
+    for b, ids in enumerate(prompt_ids):
+        prompts[b, p_len - len(ids):] = torch.tensor(ids, dtype=torch.long, device=device)
+        prompt_mask[b, p_len - len(ids):] = 1
+    prompts = prompts.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    input_ids = torch.cat([prompts, completion_ids.long()], dim=1)
+    attention_mask = torch.cat([prompt_mask, (mask > 0).long()], dim=1)
+    # Positions count real tokens only, so left padding does not shift them (RoPE sees the unpadded layout).
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, p_len
+
+
+def _chunk_logp(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, temperature: float,
+                softcap: float | None) -> torch.Tensor:
+    # hidden [c, T, H] -> logits [c, T, V] (this chunk only) -> log π(target) [c, T] in fp32.
+    logits = lm_head(hidden).float()
+    if softcap:  # architectures that soft-cap their final logits (Gemma-2 style)
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    completion_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group_size: int,
+    pad_token_id: int,
+    chunk_size: int = 8,
+    temperature: float = 1.0,
+    output_router_logits: bool = False,
+    return_outputs: bool = False,
+) -> torch.Tensor | CompletionForward:
+    """log π_θ(y_{i,t} | x_i, y_{i,<t}) / for every completion token: [N, T] float32, 0 where mask == 0.
+
+    prompt_ids: B unpadded prompts; completion_ids, mask: [N, T] with N = B * group_size, prompt-major
+    (row i continues prompt i // group_size), right-padded. Differentiable when grad is enabled.
+
+    Temperature: logits are divided by `temperature` before the softmax, i.e. this is the log-probability
+    under the distribution the sampler drew from (vLLM and HF generate both sample from softmax(z / τ)).
+    Use the rollout's temperature for old_logp / logp so the ratio compares like with like.
+
+    Memory: the decoder runs on the whole batch, but logits exist only for `chunk_size` rows × T completion
+    positions at a time (lm_head is applied to the sliced hidden states), never [N, P + T, V] or [N, T, V].
+
+    With `return_outputs=True` returns `CompletionForward(logp, outputs, attention_mask)`; pass
+    `output_router_logits=True` to get the MoE routers' logits in `outputs.router_logits`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"completion_logprobs: chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    completion_ids = completion_ids.to(device)
+    mask = mask.to(device)
+    input_ids, attention_mask, position_ids, p_len = build_inputs(
+        prompt_ids, completion_ids, mask, group_size=group_size, pad_token_id=pad_token_id
+    )
+    decoder = model.get_decoder()
+    lm_head = model.get_output_embeddings()
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if output_router_logits:
+        kwargs["output_router_logits"] = True
+    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    hidden = outputs.last_hidden_state
+    t = completion_ids.shape[1]
+    # Hidden state at position p predicts token p + 1: completion token t is predicted from p_len - 1 + t.
+    hidden = hidden[:, p_len - 1: p_len - 1 + t]
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    targets = completion_ids.long()
+    chunks = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            # Recompute this chunk's logits in backward instead of keeping every chunk's [c, T, V] alive.
+            chunks.append(checkpoint(_chunk_logp, h, y, lm_head, temperature, softcap, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logp(h, y, lm_head, temperature, softcap))
+    logp = torch.cat(chunks, dim=0) * (mask > 0)
+    if return_outputs:
+        return CompletionForward(logp, outputs, attention_mask)
+    return logp

@@ -1,0 +1,148 @@
+"""completion_logprobs: equals a naive full-logits reference, chunking is invisible, gradients flow, and no
+[N, T, V]-sized logits tensor is ever allocated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+from gspo.training.logprobs import completion_logprobs
+from gspo.training.model import build_tiny_model
+
+PAD = 0
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def model(request, tmp_path_factory):
+    path = build_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def random_batch(seed: int, *, num_prompts=3, group_size=2, max_prompt=7, t=6, vocab=100):
+    """Prompts of random lengths, completions right-padded to random lengths (at least one token)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, vocab, (int(torch.randint(1, max_prompt + 1, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(num_prompts)]
+    n = num_prompts * group_size
+    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    completion_ids = torch.randint(5, vocab, (n, t), generator=g) * mask.long() + PAD * (1 - mask.long())
+    return prompts, completion_ids, mask
+
+
+def naive_logprobs(model, prompts, completion_ids, mask, group_size, temperature=1.0):
+    """One unpadded sequence at a time, full [L, V] logits, log_softmax, gather."""
+    out = torch.zeros(completion_ids.shape)
+    for i in range(completion_ids.shape[0]):
+        prompt = prompts[i // group_size]
+        n_tok = int(mask[i].sum())
+        seq = torch.tensor(prompt + completion_ids[i, :n_tok].tolist())[None]
+        logp = (model(seq).logits[0].float() / temperature).log_softmax(-1)
+        for t in range(n_tok):
+            out[i, t] = logp[len(prompt) - 1 + t, completion_ids[i, t]]
+    return out
+
+
+@pytest.mark.parametrize("seed,temperature", [(0, 1.0), (1, 0.7), (2, 1.3)])
+def test_matches_naive_reference(model, seed, temperature):
+    prompts, ids, mask = random_batch(seed)
+    with torch.no_grad():
+        got = completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD, chunk_size=4,
+                                  temperature=temperature)
+        ref = naive_logprobs(model, prompts, ids, mask, 2, temperature)
+    assert got.dtype == torch.float32 and got.shape == ids.shape
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert torch.all(got[mask == 0] == 0)
+    assert torch.all(got[mask == 1] < 0)
+
+
+def test_chunk_size_does_not_change_results(model):
+    prompts, ids, mask = random_batch(3, num_prompts=4, group_size=3)
+    with torch.no_grad():
+        results = [completion_logprobs(model, prompts, ids, mask, group_size=3, pad_token_id=PAD, chunk_size=c)
+                   for c in (1, 5, 100)]
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], atol=1e-6, rtol=0)
+
+
+def test_gradient_matches_reference(model):
+    """Under grad the (checkpointed) chunks give the same gradient as the naive reference."""
+    prompts, ids, mask = random_batch(4)
+    weights = torch.linspace(-1, 1, ids.numel()).reshape(ids.shape)  # a loss that weights tokens differently
+    model.zero_grad()
+    (completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD, chunk_size=2)
+     * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    (naive_logprobs(model, prompts, ids, mask, 2) * weights).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert got.keys() == ref.keys()
+    assert any("experts" in n for n in got) and any("lm_head" in n for n in got)
+    for name, ref_grad in ref.items():
+        torch.testing.assert_close(got[name], ref_grad, atol=2e-5, rtol=1e-3, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in got.items() if "experts" in n)
+
+
+class _LargestVocabTensor(TorchDispatchMode):
+    """Records the largest number of rows of any op output whose last dim is the vocab size (weights, views
+    of them and the [H, V] lm_head weight gradient excluded): full-batch logits would show N * T rows."""
+
+    def __init__(self, vocab: int, hidden: int, exclude_ptrs: set[int]):
+        super().__init__()
+        self.vocab, self.hidden, self.exclude, self.max_rows = vocab, hidden, exclude_ptrs, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab
+                    and tuple(t.shape) != (self.hidden, self.vocab)
+                    and t.untyped_storage().data_ptr() not in self.exclude):
+                self.max_rows = max(self.max_rows, t.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_never_materializes_full_logits(model, grad):
+    vocab = model.config.vocab_size
+    num_prompts, group_size, t, chunk = 4, 2, 8, 2
+    prompts, ids, mask = random_batch(5, num_prompts=num_prompts, group_size=group_size, t=t)
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    mode = _LargestVocabTensor(vocab, model.config.hidden_size, exclude)
+    with torch.set_grad_enabled(grad), mode:
+        logp = completion_logprobs(model, prompts, ids, mask, group_size=group_size, pad_token_id=PAD,
+                                   chunk_size=chunk)
+        if grad:
+            logp.sum().backward()
+    model.zero_grad()
+    n = num_prompts * group_size
+    assert 0 < mode.max_rows <= chunk * t < n * t  # one chunk of completion positions at a time
+    # The check can fail: a plain forward does allocate full-batch logits.
+    full = _LargestVocabTensor(vocab, model.config.hidden_size, exclude)
+    with torch.no_grad(), full:
+        model(ids)
+    assert full.max_rows >= n * t
+
+
+def test_router_logits_passthrough(model):
+    prompts, ids, mask = random_batch(6)
+    with torch.no_grad():
+        res = completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD,
+                                  output_router_logits=True, return_outputs=True)
+        plain = completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD)
+    torch.testing.assert_close(res.logp, plain)
+    router = res.outputs.router_logits
+    assert len(router) == model.config.num_hidden_layers
+    n_tokens = res.attention_mask.numel()
+    assert all(r.shape[0] == n_tokens for r in router)
+    assert res.attention_mask.shape == (ids.shape[0], max(len(p) for p in prompts) + ids.shape[1])
+
+
+def test_errors_name_the_problem(model):
+    prompts, ids, mask = random_batch(7)
+    with pytest.raises(ValueError, match="group_size"):
+        completion_logprobs(model, prompts, ids, mask, group_size=3, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="chunk_size"):
+        completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD, chunk_size=0)
