@@ -35,10 +35,12 @@ class CompletionForward(NamedTuple):
 
 def build_inputs(
     prompt_ids: list[list[int]], completion_ids: torch.Tensor, mask: torch.Tensor, *, group_size: int,
-    pad_token_id: int,
+    pad_token_id: int, prompt_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Left-padded prompt + completion rows: (input_ids, attention_mask, position_ids, P) with P the padded
-    prompt length. Row i uses prompt i // group_size (prompt-major order)."""
+    prompt length (the longest prompt, or `prompt_len` when given: passes over different row subsets of one
+    rollout then share one [rows, P + T] layout, which routing replay needs). Row i uses prompt
+    i // group_size (prompt-major order)."""
     n, _t = completion_ids.shape
     if len(prompt_ids) * group_size != n:
         raise ValueError(
@@ -50,6 +52,10 @@ def build_inputs(
         raise ValueError("completion_logprobs: every prompt needs at least one token (prompt i is empty)")
     device = completion_ids.device
     p_len = max(len(p) for p in prompt_ids)
+    if prompt_len is not None:
+        if prompt_len < p_len:
+            raise ValueError(f"completion_logprobs: prompt_len={prompt_len} < longest prompt ({p_len} tokens)")
+        p_len = prompt_len
     prompts = torch.full((len(prompt_ids), p_len), pad_token_id, dtype=torch.long, device=device)
     prompt_mask = torch.zeros((len(prompt_ids), p_len), dtype=torch.long, device=device)
     for b, ids in enumerate(prompt_ids):
@@ -87,6 +93,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     output_router_logits: bool = False,
     return_outputs: bool = False,
+    prompt_len: int | None = None,
 ) -> torch.Tensor | CompletionForward:
     """log π_θ(y_{i,t} | x_i, y_{i,<t}) / for every completion token: [N, T] float32, 0 where mask == 0.
 
@@ -102,6 +109,7 @@ def completion_logprobs(
 
     With `return_outputs=True` returns `CompletionForward(logp, outputs, attention_mask)`; pass
     `output_router_logits=True` to get the MoE routers' logits in `outputs.router_logits`.
+    `prompt_len` pads every prompt to that many tokens (see `build_inputs`).
     """
     if chunk_size < 1:
         raise ValueError(f"completion_logprobs: chunk_size must be >= 1, got {chunk_size}")
@@ -111,7 +119,7 @@ def completion_logprobs(
     completion_ids = completion_ids.to(device)
     mask = mask.to(device)
     input_ids, attention_mask, position_ids, p_len = build_inputs(
-        prompt_ids, completion_ids, mask, group_size=group_size, pad_token_id=pad_token_id
+        prompt_ids, completion_ids, mask, group_size=group_size, pad_token_id=pad_token_id, prompt_len=prompt_len
     )
     decoder = model.get_decoder()
     lm_head = model.get_output_embeddings()
