@@ -36,6 +36,7 @@ from gspo.rollout.base import RolloutBatch, SamplingSpec
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.model import load_policy
+from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
 from gspo.training.optim import build_optimizer
 
 logger = logging.getLogger("gspo.trainer")
@@ -51,6 +52,16 @@ class RolloutData:
     adv: torch.Tensor  # [N]
     old_logp: torch.Tensor | None = None  # [N, T]
     ref_logp: torch.Tensor | None = None  # [N, T], only when algorithm.beta > 0
+
+    @property
+    def prompt_len(self) -> int:
+        """Every logprob pass of this rollout pads prompts to this length: one token layout for all passes."""
+        return max(len(p) for p in self.batch.prompt_ids)
+
+    def layout_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Completion tokens in that layout, [rows, P + T] (what MoE routing statistics count)."""
+        mask = self.batch.mask if rows is None else self.batch.mask[rows]
+        return completion_layout_mask(mask, self.prompt_len)
 
 
 def _repeat(values: list[Any], g: int) -> list[Any]:
@@ -90,6 +101,8 @@ class GSPOTrainer:
         self.columns = [c for c in self.dataset.columns if c != "prompt"]
         self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.columns, base_dir=base_dir)
 
+        # Router controls (freeze / fp32) change which parameters train: before the optimizer exists.
+        self.moe = MoEMonitor(self.model, cfg.moe)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.total_optimizer_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.scheduler)
@@ -130,7 +143,8 @@ class GSPOTrainer:
         return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                             top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + self.rollout_idx)
 
-    def _logp(self, batch: RolloutBatch, rows: torch.Tensor | None = None, *, model: Any = None) -> torch.Tensor:
+    def _logp(self, batch: RolloutBatch, rows: torch.Tensor | None = None, *, model: Any = None,
+              prompt_len: int | None = None) -> torch.Tensor:
         """Trainer log-probs of the batch's completion tokens (all rows, or the given row indices)."""
         ids, mask = batch.completion_ids, batch.mask
         prompt_ids = _repeat(batch.prompt_ids, batch.group_size)
@@ -140,7 +154,7 @@ class GSPOTrainer:
         return completion_logprobs(model or self.model, prompt_ids, ids.to(self.accelerator.device),
                                    mask.to(self.accelerator.device), group_size=1,
                                    pad_token_id=self.tokenizer.pad_token_id,
-                                   temperature=self.cfg.rollout.temperature)
+                                   temperature=self.cfg.rollout.temperature, prompt_len=prompt_len)
 
     def _completions_for_rewards(self, rows: list[dict[str, Any]], batch: RolloutBatch) -> list[Any]:
         conversational = isinstance(rows[0]["prompt"], list)
@@ -174,11 +188,11 @@ class GSPOTrainer:
             adv = group_advantages(result.rewards, g, scale=self.spec.advantage)
 
         data = RolloutData(batch, rows, result.rewards, adv)
-        with timer("old_logprobs"):
+        with timer("old_logprobs"), self.moe.old_pass(data.layout_mask()):
             data.old_logp = self._old_logprobs(batch)
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
+        if self.ref_model is not None:
+            with timer("ref_logprobs"), torch.no_grad():
+                data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
 
         with timer("update"):
             update_rows = self._update(data)
@@ -187,6 +201,8 @@ class GSPOTrainer:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         rollout_metrics = self._rollout_metrics(data, result.metrics)
+        with timer("moe_metrics"):
+            rollout_metrics.update(self.moe.rollout_metrics(self.rollout_idx))
         rollout_metrics.update(timer.metrics())
         rows_out = []
         for r in update_rows:
@@ -224,21 +240,24 @@ class GSPOTrainer:
         for epoch in range(a.num_epochs):
             perm = torch.randperm(n, generator=gen)
             for j, idx in enumerate(perm.chunk(k)):
-                logp = self._logp(data.batch, idx)
-                dev = logp.device
-                mask = data.batch.mask[idx].to(dev)
-                ref_logp = data.ref_logp[idx].to(dev) if data.ref_logp is not None else None
-                loss_out = loss_fn(logp, data.old_logp[idx].to(dev), data.adv[idx].to(dev), mask,
-                                   clip_low=self.clip_low, clip_high=self.clip_high, ref_logp=ref_logp, **opts)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss_out.loss)
+                # Replay (R2) and gradient checkpointing need backward inside the MoE context.
+                with self.moe.update_pass(idx, data.layout_mask(idx)) as moe_mb:
+                    logp = self._logp(data.batch, idx, prompt_len=data.prompt_len)
+                    dev = logp.device
+                    mask = data.batch.mask[idx].to(dev)
+                    ref_logp = data.ref_logp[idx].to(dev) if data.ref_logp is not None else None
+                    loss_out = loss_fn(logp, data.old_logp[idx].to(dev), data.adv[idx].to(dev), mask,
+                                       clip_low=self.clip_low, clip_high=self.clip_high, ref_logp=ref_logp,
+                                       **opts)
+                    self.accelerator.backward(loss_out.loss + moe_mb.aux_loss())
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.global_step += 1
                 out.append({"step": self.global_step, "epoch": epoch, "minibatch": j,
                             "loss": float(loss_out.loss.detach()), "grad_norm": float(grad_norm),
-                            "lr": self.scheduler.get_last_lr()[0], **loss_out.metrics})
+                            "lr": self.scheduler.get_last_lr()[0], **loss_out.metrics, **moe_mb.metrics})
         return out
 
     def _rollout_metrics(self, data: RolloutData, reward_metrics: dict[str, float]) -> dict[str, Any]:
