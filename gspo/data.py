@@ -74,7 +74,7 @@ def _load_jsonl(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+                raise TypeError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
 

@@ -73,8 +73,7 @@ class MetricsWriter:
     def _rewrite(path: str, rows: list[dict[str, Any]]) -> None:
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(tmp, path)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -87,8 +86,7 @@ class MetricsWriter:
 
     def write_samples(self, rollout: int, samples: list[dict[str, Any]]) -> None:
         with open(self.samples_path, "a", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps({"rollout": rollout, **s}) + "\n")
+            f.writelines(json.dumps({"rollout": rollout, **s}) + "\n" for s in samples)
         lines = [f"  reward={s['reward']:+.3f}  {s['prompt']!r} -> {s['completion']!r}" for s in samples]
         logger.info("rollout %d samples:\n%s", rollout, "\n".join(lines))
 

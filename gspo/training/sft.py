@@ -45,7 +45,7 @@ def _metrics_callback(writer: MetricsWriter) -> Any:
     from transformers import TrainerCallback
 
     class _ToJsonl(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 (transformers' signature)
+        def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 writer.write({"step": state.global_step, "rollout": 0, **{k: v for k, v in logs.items()
                                                                             if isinstance(v, (int, float))}})

@@ -166,7 +166,7 @@ class GSPOTrainer:
 
     def step(self) -> list[dict[str, Any]]:
         """One rollout and its k minibatch updates; returns the metric rows it wrote (one per optimizer step)."""
-        cfg, g = self.cfg, self.cfg.rollout.group_size
+        g = self.cfg.rollout.group_size
         timer = HopTimer()
         self.rollout_idx += 1
 
