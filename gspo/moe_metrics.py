@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -143,6 +143,15 @@ class ExpertHealthTracker:
         self._loads: deque[torch.Tensor] = deque(maxlen=window)
         self.collapsed = False
         self.alarms = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to count dead experts and alarms exactly as an uninterrupted run."""
+        return {"loads": [t.tolist() for t in self._loads], "layers": self.layers, "collapsed": self.collapsed,
+                "alarms": self.alarms}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loads = deque((torch.tensor(t, dtype=torch.float32) for t in state["loads"]), maxlen=self.window)
+        self.layers, self.collapsed, self.alarms = state["layers"], state["collapsed"], state["alarms"]
 
     def update(self, records_or_load: RoutingRecords | torch.Tensor, step: int | None = None) -> dict[str, float]:
         if isinstance(records_or_load, torch.Tensor):

@@ -84,6 +84,13 @@ class MoEMonitor:
             logger.info("MoE policy: %d router layers (%s), %d experts, top-%d; replay=%s, aux=%s",
                         len(self.routers), r.family, r.num_experts, r.top_k, self.replay, self.aux_on)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.tracker is not None and "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])
+
     @contextmanager
     def old_pass(self, layout_mask: torch.Tensor) -> Iterator[None]:
         """Wrap π_old's forward over the whole rollout; keeps its routing for metrics, drift and replay."""

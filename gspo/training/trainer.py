@@ -119,6 +119,7 @@ class GSPOTrainer:
             state = load_training_state(resume, self.optimizer, self.scheduler)
             self.rollout_idx, self.global_step = state["rollout"], state["step"]
             self.sampler.load_state_dict(state["sampler"])
+            self.moe.load_state_dict(state.get("moe", {}))
             logger.info("resumed from %s at rollout %d (optimizer step %d)", resume, self.rollout_idx,
                         self.global_step)
         self.metrics = MetricsWriter(self.out, self.accelerator,
@@ -300,7 +301,8 @@ class GSPOTrainer:
     # --- loop, checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> str:
-        state = {"rollout": self.rollout_idx, "step": self.global_step, "sampler": self.sampler.state_dict()}
+        state = {"rollout": self.rollout_idx, "step": self.global_step, "sampler": self.sampler.state_dict(),
+                 "moe": self.moe.state_dict()}
         return save_checkpoint(self.out, self.rollout_idx, model=self.accelerator.unwrap_model(self.model),
                                tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
                                trainer_state=state, keep=self.cfg.train.keep_checkpoints)
