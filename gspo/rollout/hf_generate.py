@@ -1,8 +1,10 @@
 """Transformers `generate` engine: no vLLM needed; samples with the trainer's policy itself.
 
 Same outputs as the vLLM engine: prompt-major rows, sampler logprobs of the drawn tokens after the same
-temperature / top-k / top-p processing (from `output_scores`, which are the processed scores the sampler
-drew from: log_softmax of them is the sampling distribution), finish reasons "stop" / "length".
+temperature / top-k / top-p processing, finish reasons "stop" / "length". The logprobs are read by a logits
+processor placed after the temperature / top-k / top-p warpers (whose output is the distribution the sampler
+draws from); it keeps one step's [rows, V] log-probabilities at a time instead of generate's `output_scores`,
+which would hold every step's scores (64 rows x 256 steps x a 152k vocabulary = 10 GB in fp32).
 
 Batching: all B*G rows go through one `generate` call (each prompt repeated G times, prompt-major), or
 `batch_prompts` prompts at a time when set. Seeds: with `SamplingSpec.seed` set, each such call runs under
@@ -22,6 +24,35 @@ from gspo.registry import ROLLOUT_ENGINES
 from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, derive_seed
 
 
+class _DrawnTokenLogprobs:
+    """Logits processor, last in the chain: log π(token) of every drawn token, one step's scores at a time.
+
+    At step t it receives the processed scores of step t and the ids drawn up to step t - 1: it gathers
+    token t - 1 from the previous step's log-probabilities and keeps this step's for the next call.
+    """
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, steps] log-probabilities of `new_tokens` (generate's output past the prompt)."""
+        n = new_tokens.shape[1]
+        steps = list(self.steps[:n])
+        if len(steps) < n and self.prev is not None:  # the last drawn token is never fed back
+            steps.append(self.prev.gather(-1, new_tokens[:, len(steps):len(steps) + 1].to(self.prev.device)).squeeze(-1))
+        self.prev = None
+        if not steps:
+            return torch.zeros(new_tokens.shape, dtype=torch.float32)
+        return torch.stack(steps, dim=1)
+
+
 class HFGenerateEngine:
     """Samples with `model.generate`. With `model` = the trainer's policy no weight sync is needed;
     `update_weights` copies parameters when the engine holds a separate copy."""
@@ -39,19 +70,38 @@ class HFGenerateEngine:
 
         greedy = sampling.temperature == 0
         eos = sorted({*sampling.stop_token_ids, *([self.eos_token_id] if self.eos_token_id is not None else [])})
+        # Neutral warper settings: the warpers run in our own processor list (`_processors`), ahead of the
+        # logprob capture. top_k=0 (not None: None falls back to transformers' default of 50).
         return GenerationConfig(
             do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            # 0 (not None) switches top-k off: None would fall back to transformers' default of 50.
-            top_k=None if greedy else max(sampling.top_k, 0),
+            temperature=None if greedy else 1.0,
+            top_p=None if greedy else 1.0,
+            top_k=None if greedy else 0,
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=eos,
             pad_token_id=self.pad_token_id,
             num_return_sequences=1,  # prompts are repeated G times instead (also valid for greedy)
-            output_scores=True,
             return_dict_in_generate=True,
         ), set(eos)
+
+    @staticmethod
+    def _processors(sampling: SamplingSpec) -> tuple[Any, _DrawnTokenLogprobs]:
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        procs: list[Any] = []
+        if sampling.temperature not in (0, 1.0):  # transformers' own order: temperature, top-k, top-p
+            procs.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.temperature != 0 and sampling.top_k > 0:
+            procs.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.temperature != 0 and sampling.top_p < 1.0:
+            procs.append(TopPLogitsWarper(sampling.top_p))
+        capture = _DrawnTokenLogprobs()
+        return LogitsProcessorList([*procs, capture]), capture
 
     @torch.no_grad()
     def _sample(self, prompts: list[list[int]], sampling: SamplingSpec, gen_cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,19 +114,13 @@ class HFGenerateEngine:
         for b, ids in enumerate(prompts):
             input_ids[b, p_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention_mask[b, p_len - len(ids):] = 1
+        processors, capture = self._processors(sampling)
         out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg,
+            logits_processor=processors,
         )
-        new_tokens = out.sequences[:, p_len:].cpu()  # [b*G, steps]
-        # scores: one [b*G, V] tensor per step, already processed (temperature, top-k, top-p): the sampler's
-        # distribution is their softmax. Gather the drawn token's log-probability at each step.
-        if new_tokens.shape[1] == 0:
-            return new_tokens, torch.zeros_like(new_tokens, dtype=torch.float32)
-        logps = [
-            torch.log_softmax(s.float(), dim=-1).gather(-1, new_tokens[:, t:t + 1].to(s.device)).squeeze(-1).cpu()
-            for t, s in enumerate(out.scores)
-        ]
-        return new_tokens, torch.stack(logps, dim=1)
+        new_tokens = out.sequences[:, p_len:]  # [b*G, steps]
+        return new_tokens.cpu(), capture.logprobs(new_tokens).cpu()
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> RolloutBatch:
         gen_cfg, stop_ids = self._generation_config(sampling)
