@@ -2,7 +2,8 @@
 
 Layout under `OUTPUT_DIR/checkpoints/`:
     rollout-000012/            one finished checkpoint
-        model/                 save_pretrained (config, safetensors, tokenizer)
+        model/                 save_pretrained (config, safetensors, tokenizer); LoRA: the merged model
+        adapter/               LoRA runs only: the peft adapter (what a LoRA resume loads)
         optimizer.pt, scheduler.pt, rng.pt
         trainer_state.json     rollout, optimizer step, sampler state, ...
     latest                     a text file naming the newest finished checkpoint
@@ -59,8 +60,12 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    lora_save: str = "both",
 ) -> str:
-    """Write checkpoint `rollout-<rollout>` atomically and point `latest` at it. Returns its path."""
+    """Write checkpoint `rollout-<rollout>` atomically and point `latest` at it. Returns its path.
+
+    A LoRA (peft) policy writes `adapter/` and/or `model/` (merged) per `lora_save` (gspo.training.lora).
+    """
     root = os.path.join(output_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     name = f"rollout-{rollout:06d}"
@@ -68,8 +73,15 @@ def save_checkpoint(
     tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.save_pretrained(os.path.join(tmp, "model"))
-    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    # --- LoRA: adapter/ (what resuming needs) and/or the merged model/ ---
+    from gspo.training.lora import is_lora, save_lora
+
+    if is_lora(model):
+        save_lora(model, tmp, tokenizer, save=lora_save)
+    else:
+        model.save_pretrained(os.path.join(tmp, "model"))
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    # --- end LoRA ---
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(rng_state(), os.path.join(tmp, "rng.pt"))

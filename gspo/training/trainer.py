@@ -13,6 +13,9 @@ Deviations from the GSPO paper (Zheng et al., arXiv 2507.18071), all deliberate:
 - The minibatches of one rollout are a seeded random partition of its N completions (not whole groups),
   as in the paper's "split each rollout batch into minibatches".
 
+With lora.enabled the policy is a peft model (gspo/training/lora.py, docs/lora.md): only adapters train, the
+engine gets the merged weights, checkpoints hold adapter/ (+ merged model/), final/ is merged.
+
 Runs on one process (CPU or one GPU). Multi-GPU data parallelism needs a server-mode engine and sharded
 rollouts, which this trainer does not do yet.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +37,7 @@ from gspo.registry import LOSSES, STAGES
 from gspo.rewards import RewardSet
 from gspo.rollout import build_engine
 from gspo.rollout.base import RolloutBatch, SamplingSpec
+from gspo.training import lora
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.model import load_policy
@@ -81,13 +86,27 @@ class GSPOTrainer:
         self.accelerator = Accelerator(log_with=trackers, project_dir=self.out)
 
         resume = resolve_checkpoint(self.out, cfg.resume_from) if cfg.resume_from else None
+        use_lora = cfg.lora.enabled
         # A resumed run loads the checkpoint's weights as a plain HF directory (the engine loads the same).
-        model_cfg = replace(cfg.model, name_or_path=os.path.join(resume, "model"), tiny={}) if resume else cfg.model
+        # A LoRA run keeps its frozen base (cfg.model) and resumes the adapter instead (below).
+        model_cfg = replace(cfg.model, name_or_path=os.path.join(resume, "model"), tiny={}) \
+            if resume and not use_lora else cfg.model
         self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
         self.model_path = self.model.config.gspo_model_path  # where the engine loads the same weights from
-        # The KL reference is the stage's starting policy (cfg.model, also after a resume), frozen.
+        # --- LoRA: adapters before router controls and the optimizer, so only adapter parameters train ---
+        self.lora_save = getattr(cfg.lora, "save", "both")
+        self.lora_metrics: dict[str, float] = {}
+        if use_lora:
+            lora.check_sync_mode(cfg.lora, cfg.rollout.engine)
+            self.model = lora.apply_lora(self.model, cfg.lora)
+            self.lora_metrics = self.model.gspo_lora.metrics()
+            if resume:
+                lora.load_adapter(self.model, os.path.join(resume, lora.ADAPTER_DIR))
+        # --- end LoRA ---
+        # The KL reference is the stage's starting policy (cfg.model, also after a resume), frozen. With LoRA
+        # that is the base with the adapters disabled (`_reference`): no second copy.
         self.ref_model = None
-        if cfg.algorithm.beta > 0:
+        if cfg.algorithm.beta > 0 and not use_lora:
             self.ref_model, _ = load_policy(cfg.model, output_dir=self.out)
             self.ref_model.eval().requires_grad_(False)
         self.spec = LOSSES.get(cfg.algorithm.name)
@@ -113,6 +132,8 @@ class GSPOTrainer:
             seed=cfg.seed, max_model_len=r.max_model_len or self._default_max_len(),
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
             enforce_eager=r.enforce_eager, model=self.accelerator.unwrap_model(self.model))
+        if resume and use_lora:  # the engine loaded the base: give it the resumed merged policy
+            self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         self.rollout_idx, self.global_step = 0, 0
         if resume:
@@ -191,8 +212,8 @@ class GSPOTrainer:
         data = RolloutData(batch, rows, result.rewards, adv)
         with timer("old_logprobs"), self.moe.old_pass(data.layout_mask()):
             data.old_logp = self._old_logprobs(batch)
-        if self.ref_model is not None:
-            with timer("ref_logprobs"), torch.no_grad():
+        if self.cfg.algorithm.beta > 0:
+            with timer("ref_logprobs"), torch.no_grad(), self._reference():
                 data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
 
         with timer("update"):
@@ -212,6 +233,12 @@ class GSPOTrainer:
             rows_out.append(row)
         self._maybe_write_samples(data)
         return rows_out
+
+    def _reference(self) -> Any:
+        """Context in which `self._logp(..., model=self.ref_model)` is the KL reference's logp."""
+        if self.ref_model is None and self.cfg.lora.enabled:
+            return self.accelerator.unwrap_model(self.model).disable_adapter()
+        return nullcontext()
 
     def _old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         trainer_logp = None
@@ -280,6 +307,7 @@ class GSPOTrainer:
             "clip/high": self.clip_high,
         }
         m.update(reward_metrics)
+        m.update(self.lora_metrics)
         if b.logp is not None and self._trainer_logp is not None:
             valid = b.mask.bool()
             gap = (b.logp.float() - self._trainer_logp)[valid].abs()
@@ -305,7 +333,7 @@ class GSPOTrainer:
                  "moe": self.moe.state_dict()}
         return save_checkpoint(self.out, self.rollout_idx, model=self.accelerator.unwrap_model(self.model),
                                tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-                               trainer_state=state, keep=self.cfg.train.keep_checkpoints)
+                               trainer_state=state, keep=self.cfg.train.keep_checkpoints, lora_save=self.lora_save)
 
     def train(self) -> str:
         """Run until train.num_rollouts; returns the final checkpoint's model directory."""
@@ -324,8 +352,13 @@ class GSPOTrainer:
         if not (t.save_every and self.rollout_idx % t.save_every == 0):
             self.save()
         final = os.path.join(self.out, "final")
-        self.accelerator.unwrap_model(self.model).save_pretrained(final)
-        self.tokenizer.save_pretrained(final)
+        policy = self.accelerator.unwrap_model(self.model)
+        if lora.is_lora(policy):  # final/ merged (the next stage loads a plain checkpoint); final_adapter/ peft
+            lora.save_merged(policy, final, self.tokenizer)
+            lora.save_adapter(policy, final + "_adapter", self.tokenizer)
+        else:
+            policy.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
         self.engine.close()
         self.accelerator.end_training()
         return final
