@@ -1,8 +1,11 @@
 """The `gspo` command: parse, validate, dispatch. No training logic lives here.
 
-    gspo validate CONFIG [key=value ...]   check a config and every name in it; print a resolved summary
+    gspo validate CONFIG [key=value ...]   check a stage config (or a pipeline file: every stage, wired)
     gspo train CONFIG [key=value ...]      validate, then run the config's stage
-    gspo pipeline CONFIG                   multi-stage runs (not available yet)
+    gspo pipeline PIPELINE [key=value ...] run the stages of a pipeline file in order (resumable);
+                                           --dry-run: validate, print the plan; --rerun: docs/pipeline.md
+    gspo eval CONFIG [key=value ...]       pass@1 / pass@k of the config's model; writes OUTPUT_DIR/eval.json
+    gspo report OUTPUT_DIR                 rebuild a pipeline's report.md, plots and per-stage table
     gspo config-reference                  print the config reference (docs/config.md)
 
 Config errors print `error: <message>` on stderr and exit with status 2.
@@ -32,9 +35,20 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="validate a config, then run its stage")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help=overrides_help)
-    pl = sub.add_parser("pipeline", help="run a multi-stage pipeline file")
+    pl = sub.add_parser("pipeline", help="run a multi-stage pipeline file (resumes where it stopped)")
     pl.add_argument("config")
-    pl.add_argument("overrides", nargs="*", help=overrides_help)
+    pl.add_argument("overrides", nargs="*",
+                    help="`stages.<stage>.<key>=value` (one stage) or `output_dir=...`")
+    pl.add_argument("--dry-run", action="store_true",
+                    help="validate every stage with its wiring; run nothing")
+    pl.add_argument("--rerun", action="store_true",
+                    help="run a finished stage whose config changed again (and every stage after it)")
+    pl.add_argument("--no-report", action="store_true", help="skip report.md and the plots at the end")
+    e = sub.add_parser("eval", help="pass@1 / pass@k of the config's model on its data and rewards")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*", help=overrides_help)
+    r = sub.add_parser("report", help="rebuild a pipeline run's report.md, plots and per-stage table")
+    r.add_argument("output_dir")
     sub.add_parser("config-reference", help="print the config reference as markdown").add_argument(
         "--markdown", action="store_true", help="(default) markdown output")
     return p
@@ -46,7 +60,7 @@ def _fail(message: str) -> int:
 
 
 def summary(cfg: Config) -> str:
-    """A short resolved view: the facts a user checks before spending GPU time."""
+    """A short resolved view: the facts a user checks before spending GPU time (those of its stage)."""
     from gspo.registry import LOSSES, STAGES
 
     a, r = cfg.algorithm, cfg.rollout
@@ -60,17 +74,33 @@ def summary(cfg: Config) -> str:
         + (f", LoRA r={cfg.lora.r}" if cfg.lora.enabled else "") + ")",
         "data:       " + (f"task {cfg.data.task} ({cfg.data.num_samples} rows)" if cfg.data.task
                            else f"{cfg.data.path} [{cfg.data.split}]"),
-        (f"rollout:    {r.engine}, {r.prompts_per_step} prompts x {r.group_size} completions = "
-         f"{cfg.completions_per_rollout} per rollout, <= {r.max_new_tokens} new tokens, "
-         f"dtype {cfg.rollout_dtype}"),
-        (f"algorithm:  {a.name} ({LOSSES.get(a.name).level} level), "
-         f"clip range [1 - {low:g}, 1 + {high:g}]{default}")
-        + (f", beta {a.beta:g} ({a.kl_estimator})" if a.beta > 0 else ""),
-        f"updates:    {k} optimizer steps per rollout ({a.num_minibatches} minibatches of "
-        f"{cfg.completions_per_rollout // a.num_minibatches} completions x {a.num_epochs} epoch(s))"
-        + ("  [on-policy: ratio = 1, clipping never fires]" if k == 1 else ""),
-        (f"length:     {cfg.train.num_rollouts} rollouts = {cfg.total_optimizer_steps} optimizer steps, "
-         f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})"),
+    ]
+    sampling = (f"rollout:    {r.engine}, {r.prompts_per_step} prompts x {r.group_size} completions = "
+                f"{cfg.completions_per_rollout} per call, <= {r.max_new_tokens} new tokens, "
+                f"dtype {cfg.rollout_dtype}")
+    if cfg.stage == "rl":
+        lines += [
+            sampling,
+            (f"algorithm:  {a.name} ({LOSSES.get(a.name).level} level), "
+             f"clip range [1 - {low:g}, 1 + {high:g}]{default}")
+            + (f", beta {a.beta:g} ({a.kl_estimator})" if a.beta > 0 else ""),
+            f"updates:    {k} optimizer steps per rollout ({a.num_minibatches} minibatches of "
+            f"{cfg.completions_per_rollout // a.num_minibatches} completions x {a.num_epochs} epoch(s))"
+            + ("  [on-policy: ratio = 1, clipping never fires]" if k == 1 else ""),
+            (f"length:     {cfg.train.num_rollouts} rollouts = {cfg.total_optimizer_steps} optimizer steps, "
+             f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})"),
+        ]
+    elif cfg.stage == "rejection_sampling":
+        rc = cfg.rejection
+        accept = (f"accept:     summed reward >= {rc.min_reward}, best_of {rc.best_of or 'all'}, "
+                  f"dedup {rc.dedup}, tokens {rc.min_tokens}..{rc.max_tokens or 'any'}")
+        lines += [sampling, accept]
+    elif cfg.stage in ("sft", "reward_model"):
+        sec = cfg.sft if cfg.stage == "sft" else cfg.reward_model
+        steps = f"{sec.max_steps} steps" if sec.max_steps > 0 else f"{sec.num_epochs:g} epoch(s)"
+        lines.append(f"length:     {steps}, batch {sec.batch_size}, max_length {sec.max_length}, "
+                     f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})")
+    lines += [
         "rewards:    " + (", ".join(f"{s.name or s.fn} x {s.weight:g}" for s in cfg.rewards) or "(none)"),
         f"output_dir: {cfg.output_dir}" + (f" (resume from {cfg.resume_from})" if cfg.resume_from else ""),
     ]
@@ -78,6 +108,10 @@ def summary(cfg: Config) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from gspo.pipeline import is_pipeline_file
+
+    if is_pipeline_file(args.config):
+        return _validate_pipeline(args)
     cfg = load_config(args.config, args.overrides)
     print(summary(cfg))
     if args.print_config:
@@ -88,8 +122,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from gspo.pipeline import is_pipeline_file
     from gspo.registry import STAGES
 
+    if is_pipeline_file(args.config):
+        return _fail(f"{args.config!r} is a pipeline file (it has `stages:`); run it with "
+                     f"`gspo pipeline {args.config}`")
     cfg = load_config(args.config, args.overrides)
     if cfg.stage not in STAGES:
         return _fail(f"stage {cfg.stage!r} is not available yet (stages with a runner: "
@@ -106,9 +144,58 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_pipeline(args: argparse.Namespace) -> int:
+    from gspo.pipeline import describe, dump_stage_config, validate_pipeline
+
+    pipe, stages = validate_pipeline(args.config, args.overrides)
+    print(describe(pipe, stages))
+    for st in stages:
+        print(f"--- {st.spec.name}")
+        print(summary(st.config))
+        if getattr(args, "print_config", False):
+            print(dump_stage_config(st), end="")
+    print("pipeline OK")
+    return 0
+
+
 def _pipeline(args: argparse.Namespace) -> int:
-    return _fail(f"`gspo pipeline` is not available yet (config {args.config!r}); "
-                 "run each stage with `gspo train`")
+    from gspo.pipeline import PipelineError, is_pipeline_file, load_pipeline, run_pipeline
+
+    if not is_pipeline_file(args.config):
+        return _fail(f"{args.config!r} is not a pipeline file (no top-level `stages:` list); "
+                     f"run a single stage with `gspo train {args.config}`")
+    if args.dry_run:
+        return _validate_pipeline(args)
+    try:
+        run_pipeline(load_pipeline(args.config, args.overrides), rerun=args.rerun, report=not args.no_report)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gspo.evaluation import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_eval(cfg)  # writes OUTPUT_DIR/eval.json
+    # pass@1 / pass@k first, then the other numbers (mean rewards: accuracy, format rate, ...).
+    for key in sorted(result, key=lambda k: (not k.startswith("pass@"), k)):
+        if isinstance(result[key], (int, float)) and not isinstance(result[key], bool):
+            print(f"{key}: {result[key]:.4g}")
+    print(f"wrote {os.path.join(cfg.output_dir, 'eval.json')}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gspo.report import write_report
+
+    try:
+        print(write_report(args.output_dir))
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    print(f"wrote {os.path.join(args.output_dir, 'report.md')}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,7 +281,13 @@ def config_reference() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options too (`gspo pipeline P.yaml --dry-run stages.rl.seed=1`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "validate":
             return _validate(args)
@@ -202,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "pipeline":
             return _pipeline(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "report":
+            return _report(args)
         print(config_reference(), end="")
         return 0
     except ConfigError as e:

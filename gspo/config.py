@@ -18,30 +18,28 @@ stage, tiny-model family). Nothing here loads a model.
 
 from __future__ import annotations
 
-import copy
 import inspect
-import math
 import os
-import re
 import sys
-import types
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import yaml
 
+# Parsing lives in gspo.config_parse; its public names stay importable from here.
+from gspo.config_parse import (  # noqa: F401  (re-exported)
+    SHORTHAND_FIELD,
+    ConfigError,
+    _build,
+    _hints,
+    _raise,
+    _to_plain,
+    apply_overrides,
+    public_fields,
+    read_yaml,
+    type_name,
+)
 from gspo.registry import closest
-
-
-class ConfigError(ValueError):
-    """A config problem. `key` is the dotted key of the (first) offending field; `keys` lists all of them."""
-
-    def __init__(self, message: str, key: str | None = None, keys: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.keys = keys if keys is not None else ([key] if key else [])
-
 
 # Stage names a config may name. A stage runs only when its runner is registered in `gspo.registry.STAGES`
 # (`gspo train` says "not available yet" otherwise); registered names are valid too.
@@ -242,6 +240,79 @@ class SFTConfig:
 
 
 @dataclass
+class RejectionConfig:
+    """The `rejection_sampling` stage. Sampling follows the `rollout` section: k = rollout.group_size
+    completions per prompt, rollout.prompts_per_step prompts per engine call, rollout.max_new_tokens,
+    temperature, top_p, top_k; each completion is scored by `rewards` (weighted sum)."""
+
+    num_prompts: int | None = field(default=None, metadata=doc(
+        "Prompts taken from the data (in order); null = all of them.", ge=1))
+    min_reward: float | None = field(default=1.0, metadata=doc(
+        "Accept a completion when its summed reward is >= this; null = no threshold (then best_of must be "
+        "set)."))
+    best_of: int = field(default=0, metadata=doc(
+        "Keep at most this many accepted completions per prompt, the highest-reward ones; 0 = all.", ge=0))
+    dedup: bool = field(default=True, metadata=doc(
+        "Drop a completion whose text (whitespace-stripped) repeats an accepted one of the same prompt."))
+    min_tokens: int = field(default=1, metadata=doc(
+        "Shortest accepted completion, in tokens of the model's tokenizer (EOS not counted).", ge=0))
+    max_tokens: int | None = field(default=None, metadata=doc(
+        "Longest accepted completion, in tokens; null = no bound.", ge=1))
+    drop_truncated: bool = field(default=True, metadata=doc(
+        "Reject completions cut off by rollout.max_new_tokens (finish reason `length`)."))
+    mix_path: str | None = field(default=None, metadata=doc(
+        "General SFT data mixed into the output (JSONL or HF dataset with prompt + completion, or "
+        "messages); null = none."))
+    mix_task: str | None = field(default=None, metadata=doc(
+        "A registered task whose reference completions (`sft_rows`) are the general data, instead of mix_path "
+        "(e.g. `add`: answers without a think block, as DeepSeek-R1 stage 3 mixes in non-CoT data)."))
+    mix_task_kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
+        "Keyword arguments of mix_task."))
+    mix_ratio: float = field(default=0.0, metadata=doc(
+        "General rows added per accepted row (0.5 = one general row for every two accepted).", ge=0))
+
+
+@dataclass
+class RewardModelConfig:
+    """The `reward_model` stage (TRL RewardTrainer). Pairs come from `data`: a task with preference_rows()
+    (e.g. `add_concise`) or a JSONL / HF dataset with prompt, chosen, rejected columns. The model starts from
+    model.name_or_path: `tiny:<family>` builds a tiny sequence-classification model (num_labels=1) from
+    that family's config, a local causal-LM checkpoint gets a new scalar head."""
+
+    num_epochs: float = field(default=1.0, metadata=doc("Epochs over the training pairs.", gt=0))
+    max_steps: int = field(default=-1, metadata=doc(
+        "Stop after this many optimizer steps; -1 = num_epochs decides.", ge=-1))
+    batch_size: int = field(default=16, metadata=doc("Pairs per optimizer step.", ge=1))
+    max_length: int | None = field(default=512, metadata=doc(
+        "Pairs with a longer chosen or rejected text (tokens) are dropped; null = no limit.", ge=1))
+    eval_fraction: float = field(default=0.1, metadata=doc(
+        "Share of the pairs held out to measure pairwise accuracy (chosen scored above rejected).",
+        gt=0, lt=1))
+    center_rewards_coefficient: float | None = field(default=None, metadata=doc(
+        "Pull scores toward mean zero (TRL; Eisenstein et al. 2023 Eq. 2 suggest 0.01); null = off.", ge=0))
+
+
+@dataclass
+class EvalConfig:
+    """`gspo eval` / `gspo.evaluation.run_eval`: n samples per prompt with the rollout engine (rollout
+    section: engine, max_new_tokens, temperature, top_p, top_k), scored by `rewards`; writes eval.json."""
+
+    num_samples: int = field(default=8, metadata=doc("n: samples per prompt.", ge=1))
+    k: list[int] = field(default_factory=lambda: [1, 8], metadata=doc(
+        "pass@k values reported (each <= num_samples); unbiased estimator of Chen et al. 2021, Eq. 1."))
+    num_prompts: int | None = field(default=64, metadata=doc(
+        "Prompts evaluated (the first ones of the data); null = all.", ge=1))
+    pass_reward: str | None = field(default=None, metadata=doc(
+        "Name of the reward that decides whether a sample passes (as in `rewards/<name>/mean`); null = the "
+        "first configured reward."))
+    pass_threshold: float = field(default=1.0, metadata=doc(
+        "A sample passes when its pass_reward is >= this."))
+    seed: int = field(default=1234, metadata=doc(
+        "Seed of a synthetic task's evaluation rows and of sampling (differs from the training seed so a "
+        "task draws other prompts)."))
+
+
+@dataclass
 class RewardSpec:
     """One reward function. In YAML a bare string is shorthand for `{fn: <string>}`."""
 
@@ -259,6 +330,9 @@ class RewardSpec:
         "Extra keyword arguments for the function."))
     name: str | None = field(default=None, metadata=doc(
         "Name in the logs (`rewards/<name>/mean`); null = derived from fn."))
+
+
+SHORTHAND_FIELD[RewardSpec] = "fn"  # `rewards: [synthetic_accuracy]` = `rewards: [{fn: synthetic_accuracy}]`
 
 
 @dataclass
@@ -299,6 +373,10 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig, metadata=doc(MoEConfig.__doc__))
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata=doc(LoRAConfig.__doc__))
     sft: SFTConfig = field(default_factory=SFTConfig, metadata=doc(SFTConfig.__doc__))
+    rejection: RejectionConfig = field(default_factory=RejectionConfig, metadata=doc(RejectionConfig.__doc__))
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig,
+                                            metadata=doc(RewardModelConfig.__doc__))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc(EvalConfig.__doc__))
     rewards: list[RewardSpec] = field(default_factory=list, metadata=doc(
         "Reward functions, summed with their weights (at least one for stage `rl`)."))
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=doc(LoggingConfig.__doc__))
@@ -424,8 +502,27 @@ def check_config(cfg: Config) -> list[ConfigError]:
         err("data.path", f"local file {d.path!r} does not exist (cwd: {os.getcwd()})")
     if cfg.resume_from not in (None, "latest") and not os.path.isdir(cfg.resume_from):
         err("resume_from", f"checkpoint directory {cfg.resume_from!r} does not exist (or use `latest`)")
-    if cfg.stage == "rl" and not cfg.rewards:
-        err("rewards", "stage `rl` needs at least one reward function, e.g. `rewards: [synthetic_accuracy]`")
+    if cfg.stage in ("rl", "rejection_sampling") and not cfg.rewards:
+        err("rewards", f"stage `{cfg.stage}` needs at least one reward function, e.g. "
+            "`rewards: [synthetic_accuracy]`")
+    rs = cfg.rejection
+    if cfg.stage == "rejection_sampling" and rs.min_reward is None and rs.best_of == 0:
+        err("rejection.min_reward", "with rejection.best_of: 0 every sample would be accepted; set a threshold "
+            "(rejection.min_reward) and/or rejection.best_of")
+    if rs.max_tokens is not None and rs.max_tokens < rs.min_tokens:
+        err("rejection.max_tokens", f"{rs.max_tokens} < rejection.min_tokens={rs.min_tokens}")
+    if rs.mix_ratio > 0 and (rs.mix_path is None) == (rs.mix_task is None):
+        err("rejection.mix_path", "rejection.mix_ratio > 0 needs the general SFT data: set exactly one of "
+            f"rejection.mix_path and rejection.mix_task (got mix_path={rs.mix_path!r}, mix_task={rs.mix_task!r})")
+    if rs.mix_path and _looks_local(rs.mix_path) and not os.path.exists(os.path.expanduser(rs.mix_path)):
+        err("rejection.mix_path", f"local file {rs.mix_path!r} does not exist (cwd: {os.getcwd()})")
+    for i, k_i in enumerate(cfg.eval.k):
+        if not 1 <= k_i <= cfg.eval.num_samples:
+            err(f"eval.k.{i}", f"pass@{k_i} needs 1 <= k <= eval.num_samples={cfg.eval.num_samples}")
+    names_all = [s.name or s.fn.rpartition(":")[2] for s in cfg.rewards]
+    if cfg.eval.pass_reward is not None and cfg.rewards and cfg.eval.pass_reward not in names_all:
+        err("eval.pass_reward", f"{cfg.eval.pass_reward!r} is not a configured reward; configured: "
+            f"{', '.join(names_all)}")
     names = [s.name for s in cfg.rewards if s.name]
     for dup in sorted({x for x in names if names.count(x) > 1}):
         err("rewards", f"two rewards are named {dup!r}; names must be unique (they key the logged metrics)")
@@ -465,6 +562,8 @@ def check_config(cfg: Config) -> list[ConfigError]:
             params = [p for p in inspect.signature(task).parameters if p != "self"]
             err("data.task_kwargs", f"task {d.task!r} does not take these arguments ({e}); it takes: "
                 f"{', '.join(params) or 'none'}")
+    if rs.mix_task is not None:
+        _resolve(registry.TASKS, rs.mix_task, "rejection.mix_task", errors)
     if a.beta > 0:
         _resolve(registry.KL_ESTIMATORS, a.kl_estimator, "algorithm.kl_estimator", errors)
     family = None
@@ -492,281 +591,6 @@ def check_config(cfg: Config) -> list[ConfigError]:
         except RewardLoadError as e:
             err(f"rewards.{i}.fn", str(e))
     return errors
-
-
-# ----------------------------------------------------------------------------------------------------------
-# YAML and overrides
-# ----------------------------------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping (PyYAML silently keeps the last)."""
-
-
-def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            line = key_node.start_mark.line + 1
-            raise ConfigError(f"key {key!r} appears twice in one mapping (line {line})", str(key))
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}", e.key) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-# List items that may be written as a bare string, and the key the string stands for.
-_SHORTHAND = {"rewards": "fn"}
-_SHORTHAND_FIELD: dict[type, str] = {RewardSpec: "fn"}
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of `data` with each `key.sub=value` set (value parsed as YAML; list items by index)."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} is not key=value (e.g. algorithm.clip_high=4e-4)",
-                              key or None)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}", key) from None
-        _set_path(data, key, value)
-    return data
-
-
-def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            i = _index(node, part, key, ".".join(parts[:depth]))
-            if last:
-                node[i] = value
-                return
-            node[i] = _expand(node[i], parts[depth - 1])
-            node = node[i]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-                return
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        else:
-            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[:depth])!r} is not a mapping "
-                              f"(it holds {_describe(node)})", key)
-
-
-def _index(items: list[Any], part: str, key: str, list_key: str) -> int:
-    if not re.fullmatch(r"-?\d+", part) or not -len(items) <= int(part) < len(items):
-        raise ConfigError(f"cannot set {key!r}: {part!r} is not an index of {list_key!r} ({len(items)} "
-                          f"item(s)); set the whole list with {list_key}=[...]", key)
-    return int(part)
-
-
-def _expand(item: Any, list_name: str) -> Any:
-    """A bare-string list item about to receive a sub-key becomes its mapping form (`fn: <string>`)."""
-    if isinstance(item, str) and list_name in _SHORTHAND:
-        return {_SHORTHAND[list_name]: item}
-    return item
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building sections with type checks
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _raise(errors: list[ConfigError]) -> None:
-    if not errors:
-        return
-    if len(errors) == 1:
-        raise errors[0]
-    lines = "\n".join(f"  - {e}" for e in errors)
-    keys = [k for e in errors for k in e.keys]
-    raise ConfigError(f"{len(errors)} config errors:\n{lines}", errors[0].key, keys)
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = get_type_hints(cls, globalns=vars(sys.modules[__name__]))
-    return _HINTS[cls]
-
-
-def public_fields(cls: type) -> list[Any]:
-    return [f for f in fields(cls) if not f.metadata.get("internal")]
-
-
-def _build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
-    """Instantiate dataclass `cls` from `data`, appending every problem to `errors` (defaults stand in)."""
-    where = f"section {prefix!r}" if prefix else "the top level"
-    if not isinstance(data, dict):
-        errors.append(ConfigError(f"{prefix or 'config'}: expected a mapping of the keys of {where}, got "
-                                  f"{_describe(data)}", prefix or None))
-        return cls()
-    known = {f.name: f for f in public_fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in known:
-            hint = closest(str(name), list(known))
-            msg = f"unknown key {key!r}"
-            if hint:
-                msg += f" (did you mean {(prefix + '.' if prefix else '') + hint!r}?)"
-            errors.append(ConfigError(f"{msg}; valid keys in {where}: {', '.join(known)}", key))
-            continue
-        try:
-            kwargs[name] = _check_bounds(_coerce(value, _hints(cls)[name], key, errors), known[name], key)
-        except ConfigError as e:
-            errors.append(e)
-    for name, f in known.items():
-        tp = _hints(cls)[name]
-        if name not in data and is_dataclass(tp):  # an absent section still has required keys
-            kwargs[name] = _build(tp, {}, f"{prefix}.{name}" if prefix else name, errors)
-        if f.metadata.get("required") and not kwargs.get(name):
-            key = f"{prefix}.{name}" if prefix else name
-            if not any(e.key == key for e in errors):
-                errors.append(ConfigError(f"{key} is required: {f.metadata['help']}", key))
-    return cls(**kwargs)
-
-
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-_NULL_WORDS = ("null", "none", "None", "~")
-
-
-def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
-
-
-def type_name(tp: Any) -> str:
-    """Human-readable type, as in the errors and the reference doc."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " | ".join(type_name(a) for a in args)
-    if origin is Literal:
-        return " | ".join(f'"{a}"' for a in args)
-    if origin is list:
-        return f"list[{type_name(args[0])}]"
-    if origin is dict or tp is dict:
-        return "dict"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, errors: list[ConfigError]) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    bad = ConfigError(f"{key}: expected {type_name(tp)}, got {_describe(value)}", key)
-    if origin in (Union, types.UnionType):  # always `X | None` here
-        inner = next(a for a in args if a is not type(None))
-        if value is None or (isinstance(value, str) and value in _NULL_WORDS and inner is not str):
-            return None
-        return _coerce(value, inner, key, errors)
-    if value is None:
-        raise bad
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        hint = closest(str(value), [str(a) for a in args])
-        raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(map(str, args))}"
-                          + (f" (did you mean {hint!r}?)" if hint else ""), key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # "4e9" (PyYAML reads it as a string)
-            number = float(value)
-            if number.is_integer():
-                return int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else int(number)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        # YAML 1.1 (PyYAML) reads 1e-6 as a string: accept numeric strings.
-        numeric_text = isinstance(value, str) and _NUMBER.fullmatch(value.strip())
-        if not isinstance(value, (int, float)) and not numeric_text:
-            raise bad
-        number = float(value)
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite float, got {value!r}", key)
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected str, got {_describe(value)} (quote it in YAML to pass text)", key)
-    if origin is dict or tp is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
-        raise bad
-    if origin is list:
-        if isinstance(value, str) and not is_dataclass(args[0]):
-            value = [value]  # `logging.trackers=wandb` means [wandb]
-        if not isinstance(value, list):
-            raise bad
-        out = []
-        for i, item in enumerate(value):
-            try:
-                out.append(_coerce(item, args[0], f"{key}.{i}", errors))
-            except ConfigError as e:
-                errors.append(e)
-        return out
-    if is_dataclass(tp):
-        if isinstance(value, str) and tp in _SHORTHAND_FIELD:
-            value = {_SHORTHAND_FIELD[tp]: value}
-        return _build(tp, value, key, errors)
-    raise bad  # a field type this module does not handle: a bug here, not in the config
-
-
-def _check_bounds(value: Any, f: Any, key: str) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for op, limit in f.metadata.get("bounds", {}).items():
-            ok = {"ge": value >= limit, "gt": value > limit, "le": value <= limit, "lt": value < limit}[op]
-            if not ok:
-                sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
-                raise ConfigError(f"{key}: must be {sign} {limit}, got {value!r}", key)
-    return value
-
-
-def _to_plain(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in public_fields(type(obj))}
-    if isinstance(obj, list | tuple):
-        return [_to_plain(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj
 
 
 if __name__ == "__main__":  # python -m gspo.config --markdown > docs/config.md

@@ -154,3 +154,71 @@ class AddTask:
     def sft_rows(self, num_samples: int, *, seed: int) -> list[dict[str, Any]]:
         """Prompt + reference completion pairs (for cold-start SFT)."""
         return [dict(r, completion=self.completion(r)) for r in self.rows(num_samples, seed=seed)]
+
+
+@TASKS.register("add_concise")
+class ConciseAddTask(AddTask):
+    """The addition task with a style preference, for the alignment stages: concise answers are preferred.
+
+    `rows()` are AddTask's prompts; `preference_rows()` gives chosen/rejected pairs for the `reward_model`
+    stage, two kinds, half each:
+    - style: chosen `<answer>c</answer>`, rejected the same answer after a `<think>...</think>` block (the cold
+      start's style with `think: true`);
+    - well-formed over broken: chosen a well-formed answer (either style), rejected a malformed one (tags
+      missing, unclosed or repeated, no answer, stray characters). Without these, a reward model trained on
+      style pairs alone scores any short junk highest and the policy collapses to it (measured: "v7</answer>").
+    Answers are right in half the pairs and wrong in the other half, the same on both sides of a pair: the
+    preference is about style and form only, so an alignment stage must keep accuracy through its accuracy
+    reward.
+    """
+
+    def __init__(self, digits: int = 1, think: bool = False, think_rate: float | None = None) -> None:
+        super().__init__(digits=digits, think=think)
+        if think_rate is not None and not 0.0 <= think_rate <= 1.0:
+            raise ValueError(f"data.task_kwargs.think_rate must be in [0, 1], got {think_rate}")
+        self.think_rate = think_rate
+
+    def sft_rows(self, num_samples: int, *, seed: int) -> list[dict[str, Any]]:
+        """Reference completions; with `think_rate`, that share of them (drawn per row) has a think block.
+
+        A cold start on such a mix leaves both styles likely for every prompt, so an alignment stage can find
+        and reinforce the concise one (a policy that always thinks never samples a concise answer to reward).
+        """
+        if self.think_rate is None:
+            return super().sft_rows(num_samples, seed=seed)
+        rng = random.Random(seed + 104_729)
+        styles = {True: AddTask(self.digits, think=True), False: AddTask(self.digits, think=False)}
+        return [dict(r, completion=styles[rng.random() < self.think_rate].completion(r))
+                for r in self.rows(num_samples, seed=seed)]
+
+    def preference_rows(self, num_samples: int, *, seed: int) -> list[dict[str, Any]]:
+        rng = random.Random(seed + 7_919)  # pairs differ from the RL prompts drawn with the same seed
+        hi = 2 * (10**self.digits - 1)
+        out = []
+        for row in self.rows(num_samples, seed=seed):
+            a, b = row["prompt"][len("What is ") : -1].split("+")
+            shown = row["answer"] if rng.random() < 0.5 else str(rng.randint(0, hi))
+            # The reasoning in a think block is right or off by a little, as a sampled one would be.
+            think = f"<think>{a}+{b}={int(row['answer']) + rng.choice([0, 0, 0, -1, 1])}</think>"
+            concise = f"<answer>{shown}</answer>"
+            if rng.random() < 0.5:
+                chosen, rejected = concise, think + concise
+            else:
+                chosen = concise if rng.random() < 0.5 else think + concise
+                rejected = self._broken(rng, think, shown)
+            out.append({"prompt": row["prompt"], "answer": row["answer"], "chosen": chosen, "rejected": rejected})
+        return out
+
+    @staticmethod
+    def _broken(rng: random.Random, think: str, shown: str) -> str:
+        noise = "".join(rng.choice("0123456789+=<>/abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 4)))
+        return rng.choice([
+            shown,                                         # no tags
+            f"<answer>{shown}",                            # unclosed
+            f"{noise}{shown}</answer>",                    # stray characters, no opening tag
+            f"<answer>{shown}</answer></answer>",          # repeated closing tag
+            f"<answer>{shown}</answer>{noise}",            # trailing text
+            think,                                         # reasoning but no answer
+            think.replace("</think>", "</answer>"),        # mismatched tags
+            noise,                                         # nothing of the answer
+        ])

@@ -22,6 +22,8 @@ BUILTIN_MODULES = (
     "gspo.training.model",  # MODEL_FAMILIES
     "gspo.training.trainer",  # STAGES["rl"]
     "gspo.training.sft",  # STAGES["sft"]
+    "gspo.training.rejection",  # STAGES["rejection_sampling"]
+    "gspo.training.reward_model",  # STAGES["reward_model"]
 )
 
 _loaded = False

@@ -47,3 +47,13 @@ def synthetic_format(prompts, completions, completion_ids=None, **_):
     """
     pattern = re.compile(r"^(<think>[^<]*</think>)?<answer>[^<]*</answer>$")
     return [1.0 if pattern.match(_text(c).strip()) else 0.0 for c in completions]
+
+
+@register_reward("synthetic_concise")
+def synthetic_concise(prompts, completions, completion_ids=None, **_):
+    """1.0 when the completion has an answer block and no think block (the `add_concise` preference), else 0.0.
+
+    >>> synthetic_concise(["p"] * 3, ["<answer>5</answer>", "<think>2+3=5</think><answer>5</answer>", "5"])
+    [1.0, 0.0, 0.0]
+    """
+    return [1.0 if extract_answer(_text(c)) is not None and "<think>" not in _text(c) else 0.0 for c in completions]

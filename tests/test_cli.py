@@ -94,9 +94,9 @@ def test_train_with_a_bad_config_fails_before_running(tmp_path, capsys):
     assert not out_dir.exists()
 
 
-def test_pipeline_is_not_available_yet(tmp_path, capsys):
+def test_pipeline_refuses_a_stage_config(tmp_path, capsys):
     assert main(["pipeline", config_file(tmp_path)]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "is not a pipeline file" in capsys.readouterr().err
 
 
 def test_config_reference_is_markdown_of_every_section(capsys):

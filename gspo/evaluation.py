@@ -1,0 +1,199 @@
+"""Evaluation: pass@1 / pass@k over n samples per prompt, and the sample-and-score loop it shares with the
+`rejection_sampling` stage.
+
+`run_eval(cfg)` samples `eval.num_samples` completions per prompt with the configured rollout engine (vLLM by
+default), scores them with `rewards`, and reports
+- `pass@k` for every k in `eval.k`: the unbiased estimator of Chen et al. 2021 (Eq. 1), averaged over prompts;
+  a sample passes when the reward named by `eval.pass_reward` is >= `eval.pass_threshold`;
+- `rewards/<name>/mean` for every reward (accuracy, format rate, a reward model's score, ...), `reward/mean`
+  (their weighted sum) and `completions/mean_length` (tokens);
+and writes them to `<output_dir>/eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gspo.data import build_dataset
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021, Eq. 1): 1 - C(n-c, k) / C(n, k).
+
+    Computed as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the large binomials.
+
+    >>> pass_at_k(4, 1, 1)
+    0.25
+    >>> pass_at_k(4, 0, 2), pass_at_k(4, 3, 2)
+    (0.0, 1.0)
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every draw of k samples contains a passing one
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sample and score (shared with the rejection_sampling stage)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """n completions for each of the B rows, prompt-major (completions of row b: b*n .. b*n + n - 1).
+
+    rewards: [B*n] weighted sums (NaN where every function abstained); per_function: name -> [B*n] values;
+    num_tokens: completion length in tokens (EOS not counted); finish_reasons: "stop" | "length".
+    """
+
+    rows: list[dict[str, Any]]
+    n: int
+    completions: list[str]
+    finish_reasons: list[str]
+    num_tokens: list[int]
+    rewards: list[float]
+    per_function: dict[str, list[float]]
+    metrics: dict[str, float]
+
+
+def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """Token ids of a plain or conversational prompt through the chat template (as the RL trainer does)."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def open_engine(cfg: Any, model_path: str, tokenizer: Any, longest_prompt: int) -> Any:
+    """The rollout engine of `cfg.rollout`, loading its own copy of `model_path` (no trainer model here)."""
+    from gspo.rollout import build_engine
+
+    r = cfg.rollout
+    return build_engine(r.engine, model_path=model_path, tokenizer=tokenizer, dtype=cfg.rollout_dtype,
+                        seed=cfg.seed, max_model_len=r.max_model_len or longest_prompt + r.max_new_tokens + 8,
+                        gpu_memory_utilization=r.gpu_memory_utilization,
+                        kv_cache_memory_bytes=r.kv_cache_memory_bytes, enforce_eager=r.enforce_eager)
+
+
+def load_model_ref(cfg: Any, model_path: str | None = None) -> tuple[str, Any]:
+    """(checkpoint directory, tokenizer) of `model_path` or cfg.model (a `tiny:` model is built first)."""
+    from transformers import AutoTokenizer
+
+    from gspo.training.model import resolve_model_path
+
+    m = cfg.model
+    path = model_path or resolve_model_path(m.name_or_path, cfg.output_dir, seed=cfg.seed, dtype=m.dtype,
+                                            tiny=m.tiny)
+    tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or path, trust_remote_code=m.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return path, tokenizer
+
+
+def sample_and_score(cfg: Any, rows: list[dict[str, Any]], *, model_path: str, tokenizer: Any, n: int,
+                     seed: int) -> Scored:
+    """Sample n completions per row with the rollout engine and score them with cfg.rewards."""
+    import torch
+
+    from gspo.rewards import RewardSet
+    from gspo.rollout import SamplingSpec
+
+    columns = sorted({c for row in rows for c in row if c != "prompt"})
+    base_dir = os.path.dirname(os.path.abspath(cfg.source_path)) if cfg.source_path else None
+    rewards = RewardSet.from_specs(cfg.rewards, columns=columns, base_dir=base_dir)
+    ids = [prompt_ids(tokenizer, row["prompt"]) for row in rows]
+    engine = open_engine(cfg, model_path, tokenizer, max(len(p) for p in ids))
+    r, step = cfg.rollout, cfg.rollout.prompts_per_step
+    completions: list[str] = []
+    reasons: list[str] = []
+    num_tokens: list[int] = []
+    totals: list[torch.Tensor] = []
+    per_fn: dict[str, list[torch.Tensor]] = {}
+    try:
+        for b, start in enumerate(range(0, len(rows), step)):
+            chunk, chunk_ids = rows[start:start + step], ids[start:start + step]
+            sampling = SamplingSpec(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                    top_p=r.top_p, top_k=r.top_k, seed=seed * 100_003 + b)
+            batch = engine.generate(chunk_ids, sampling)
+            conversational = isinstance(chunk[0]["prompt"], list)
+            texts = batch.completions
+            result = rewards([row["prompt"] for row in chunk for _ in range(n)],
+                             [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts,
+                             [c[m.bool()].tolist() for c, m in zip(batch.completion_ids, batch.mask)],
+                             {c: [row.get(c) for row in chunk for _ in range(n)] for c in columns})
+            completions += texts
+            reasons += batch.finish_reasons
+            num_tokens += [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            totals.append(result.rewards)
+            for name, values in result.per_function.items():
+                per_fn.setdefault(name, []).append(values)
+    finally:
+        engine.close()
+    total = torch.cat(totals)
+    per_function = {name: torch.cat(v).tolist() for name, v in per_fn.items()}
+    metrics = {f"rewards/{name}/mean": _nanmean(v) for name, v in per_function.items()}
+    metrics["reward/mean"] = _nanmean(total.tolist())
+    return Scored(rows, n, completions, reasons, num_tokens, total.tolist(), per_function, metrics)
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run_eval
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_eval(cfg: Any, *, model_path: str | None = None, output_dir: str | None = None) -> dict[str, Any]:
+    """pass@k and mean rewards of a checkpoint (`model_path`, default cfg.model) on cfg.data with cfg.rewards.
+
+    Writes `<output_dir or cfg.output_dir>/eval.json` and returns the same dict: `pass@<k>` per k in eval.k,
+    `rewards/<name>/mean` per reward, `reward/mean`, `completions/mean_length`, `truncated_rate`, the settings
+    (model, num_prompts, num_samples, pass_reward, pass_threshold) and `per_prompt` pass counts.
+    """
+    e = cfg.eval
+    start = time.perf_counter()
+    out_dir = output_dir or cfg.output_dir
+    rows = build_dataset(cfg.data, seed=e.seed).rows
+    rows = rows[: e.num_prompts] if e.num_prompts else rows
+    path, tokenizer = load_model_ref(cfg, model_path)
+    scored = sample_and_score(cfg, rows, model_path=path, tokenizer=tokenizer, n=e.num_samples, seed=e.seed)
+
+    pass_name = e.pass_reward or next(iter(scored.per_function))
+    if pass_name not in scored.per_function:
+        raise ValueError(f"eval.pass_reward={pass_name!r} is not a configured reward; configured: "
+                         f"{', '.join(scored.per_function)}")
+    values = scored.per_function[pass_name]
+    n = e.num_samples
+    # NaN (abstained / skipped) never passes: >= is False for NaN.
+    passes = [sum(v >= e.pass_threshold for v in values[b * n:(b + 1) * n]) for b in range(len(rows))]
+    result: dict[str, Any] = {
+        "model": path,
+        "num_prompts": len(rows),
+        "num_samples": n,
+        "pass_reward": pass_name,
+        "pass_threshold": e.pass_threshold,
+    }
+    for k in e.k:
+        if not 1 <= k <= n:
+            raise ValueError(f"eval.k contains {k}; every k must be in 1..eval.num_samples={n}")
+        result[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in passes) / len(passes)
+    result.update(scored.metrics)
+    result["completions/mean_length"] = sum(scored.num_tokens) / len(scored.num_tokens)
+    result["truncated_rate"] = scored.finish_reasons.count("length") / len(scored.finish_reasons)
+    result["time_s"] = time.perf_counter() - start
+    result["per_prompt"] = [{"prompt": row["prompt"], "passed": c} for row, c in zip(rows, passes)]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
