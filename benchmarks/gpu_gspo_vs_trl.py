@@ -60,8 +60,7 @@ def main() -> None:
     model_path = build_model_dir(root, args.layers)
     random.seed(0)
     with open(os.path.join(root, "data.jsonl"), "w") as f:
-        for _ in range(512):
-            f.write(json.dumps({"prompt": " ".join(f"w{random.randint(3, 5000)}" for _ in range(64))}) + "\n")
+        f.writelines(json.dumps({"prompt": " ".join(f"w{random.randint(3, 5000)}" for _ in range(64))}) + "\n" for _ in range(512))
     with open(os.path.join(root, "bench_rewards.py"), "w") as f:
         f.write(textwrap.dedent("""
             import random

@@ -69,8 +69,9 @@ class ModelConfig:
         default="auto", metadata=doc(
         "transformers' MoE experts backend; `auto` = grouped_mm where it works, eager otherwise "
         "(grouped_mm trains ~9x faster than eager on an H100)."))
-    attn_implementation: str = field(default="sdpa", metadata=doc(
-        "transformers attention backend (`sdpa`, `eager`, ...)."))
+    attn_implementation: str | None = field(default=None, metadata=doc(
+        "transformers attention backend (`sdpa`, `eager`, ...); null = transformers' default for the "
+        "architecture (GPT-OSS, for one, has no `sdpa`)."))
     trust_remote_code: bool = field(default=False, metadata=doc(
         "Allow custom modelling code from the checkpoint."))
     gradient_checkpointing: bool = field(default=False, metadata=doc(
@@ -222,6 +223,9 @@ class LoRAConfig:
         "`mlp.experts.gate_up_proj`)."))
     sync: Literal["merge", "adapter"] = field(default="merge", metadata=doc(
         "Weight sync to the engine: `merge` sends merged full weights; `adapter` sends only the adapter."))
+    save: Literal["adapter", "merged", "both"] = field(default="both", metadata=doc(
+        "What checkpoints hold: the adapter (`adapter/`, needed to resume), the merged model (`model/`), or "
+        "both. The stage's `final/` is always the merged model, `final_adapter/` the adapter."))
 
 
 @dataclass
@@ -492,6 +496,8 @@ def check_config(cfg: Config) -> list[ConfigError]:
             err(f"algorithm.{name}", f"must be >= 0, got {v}")
     if cfg.lora.target_parameters and not cfg.lora.enabled:
         err("lora.target_parameters", "is set but lora.enabled is false; set lora.enabled: true or remove it")
+    if cfg.lora.enabled and cfg.lora.target_parameters and cfg.lora.dropout > 0:
+        err("lora.dropout", "must be 0 with lora.target_parameters (peft has no dropout for parameter adapters)")
     is_tiny = m.name_or_path.startswith("tiny:")
     if m.tiny and not is_tiny:
         err("model.tiny", f"only applies to a `tiny:<family>` model, not {m.name_or_path!r}")

@@ -47,11 +47,8 @@ def test_every_family_trains_with_moe_metrics(family, tmp_path, caplog):
     """Every family asks for vLLM; families vLLM cannot serve here fall back to HF generate with the reason."""
     from gspo.rollout.hf_generate import HFGenerateEngine
 
-    # GPT-OSS has no sdpa attention in transformers (sinks): eager.
-    attn = "eager" if family == "gpt_oss" else "sdpa"
     with caplog.at_level("WARNING", logger="gspo.rollout.vllm_colocate"):
-        trainer, rows = _train(_cfg(tmp_path, f"model.name_or_path=tiny:{family}", "rollout.engine=vllm_colocate",
-                                    f"model.attn_implementation={attn}"))
+        trainer, rows = _train(_cfg(tmp_path, f"model.name_or_path=tiny:{family}", "rollout.engine=vllm_colocate"))
     try:
         supported = MODEL_FAMILIES.get(family).vllm
         assert isinstance(trainer.engine, HFGenerateEngine) == (not supported), family

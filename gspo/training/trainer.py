@@ -94,7 +94,7 @@ class GSPOTrainer:
         self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
         self.model_path = self.model.config.gspo_model_path  # where the engine loads the same weights from
         # --- LoRA: adapters before router controls and the optimizer, so only adapter parameters train ---
-        self.lora_save = getattr(cfg.lora, "save", "both")
+        self.lora_save = cfg.lora.save
         self.lora_metrics: dict[str, float] = {}
         if use_lora:
             lora.check_sync_mode(cfg.lora, cfg.rollout.engine)
