@@ -8,7 +8,6 @@ call. No module here imports vLLM at import time (the vLLM engine imports it whe
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import sys
 
 # Every module that registers something. Order: cheap math first, the trainer (transformers) last.
@@ -36,12 +35,7 @@ def load_builtins() -> None:
         return
     for name in BUILTIN_MODULES:
         try:
-            module = importlib.import_module(name)
-            if name == "gspo_rewards":
-                # Import each reward module too: an editable install made before rewards/__init__.py existed
-                # resolves gspo_rewards as a namespace package, whose __init__ never runs.
-                for info in pkgutil.iter_modules(module.__path__):
-                    importlib.import_module(f"{name}.{info.name}")
+            importlib.import_module(name)
         except ImportError as e:
             reason = f"{type(e).__name__}: {e}"
             raise ImportError(f"gspo cannot import its built-in module {name!r}: {reason}") from e
