@@ -262,7 +262,8 @@ def test_lora_resume_reproduces_the_uninterrupted_run_and_final_is_a_plain_model
 
     a, b = _metrics(tmp_path / "full" / "out"), _metrics(tmp_path / "resumed" / "out")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
-    assert a[0]["kl"] == 0.0 and max(r["kl"] for r in a) > 0  # π_θ = reference until the adapters move
+    # π_θ = reference until the adapters move (up to float rounding: the two passes batch rows differently)
+    assert abs(a[0]["kl"]) < 1e-9 and max(r["kl"] for r in a) > 1e-6
     for ra, rb in zip(a, b):
         for key, va in ra.items():
             if key.startswith("timing/"):
