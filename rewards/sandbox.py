@@ -194,7 +194,11 @@ def _build_namespace(job: dict, mount, unshare) -> str:
     # An ancestor of the interpreter that others cannot enter (e.g. /root, 0700) is covered too: the
     # sandbox uid could not read it anyway, and the interpreter is moved back in below.
     closed = [a for a in _ancestors(prefix) if not os.stat(a).st_mode & 0o001]
-    covered = outermost([h for h in [*job["hide"], *closed[:1]] if os.path.isdir(h)])
+    # Paths on the fresh tmpfs mounts above are already empty: covering them again would also bury the
+    # parked interpreter (/tmp/.prefix).
+    fresh = ("/tmp", "/var/tmp", "/dev/shm")
+    covered = [h for h in outermost([h for h in [*job["hide"], *closed[:1]] if os.path.isdir(h)])
+               if not any(h == f or h.startswith(f + "/") for f in fresh)]
     parked = "/tmp/.prefix"
     needs_prefix = any(prefix == h or prefix.startswith(h.rstrip("/") + "/") for h in covered)
     if needs_prefix:

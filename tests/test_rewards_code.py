@@ -3,7 +3,9 @@ pytest process) must survive each hostile program and score it 0. Small limits k
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import textwrap
 
 import pytest
@@ -203,8 +205,16 @@ def test_refuses_to_run_without_isolation(monkeypatch):
 
 @needs_root
 def test_nested_hidden_paths_are_covered_once():
-    inner = os.getcwd()
-    outer = os.path.dirname(inner)
-    src = f"import os\nprint(6 * 7)\nprint(os.listdir({outer!r}))"
-    result = run_program(src, limits=Limits(**LIMITS), hide=[inner, outer, *default_hide()])
-    assert result.status == "ok" and result.stdout.splitlines() == ["42", "[]"]
+    # Outside /tmp (a fresh tmpfs in the sandbox anyway), wherever the tests run from.
+    outer = tempfile.mkdtemp(prefix="gspo-hide-", dir="/var/lib" if os.path.isdir("/var/lib") else None)
+    inner = os.path.join(outer, "inner")
+    os.mkdir(inner)
+    open(os.path.join(inner, "secret.txt"), "w").close()
+    try:
+        src = f"import os\nprint(6 * 7)\nprint(os.listdir({outer!r}))"
+        result = run_program(src, limits=Limits(**LIMITS), hide=[inner, outer, *default_hide()])
+        assert result.status == "ok" and result.stdout.splitlines() == ["42", "[]"]
+    finally:
+        shutil.rmtree(outer)
+
+

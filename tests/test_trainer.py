@@ -91,7 +91,8 @@ def test_clipping_needs_off_policy_updates(warm_model, tmp_path):
     assert len(on) == 3
     for r in on:
         assert r["clip_frac/low"] == r["clip_frac/high"] == r["clip_frac_seq/high"] == 0.0
-        assert r["ratio/min"] == r["ratio/max"] == 1.0
+        # 1 up to float rounding: the update pass batches the rows in another order than the π_old pass
+        assert abs(r["ratio/min"] - 1) < 1e-6 and abs(r["ratio/max"] - 1) < 1e-6
 
     off = _short_run(tmp_path / "off", warm_model, "algorithm.num_minibatches=4")
     assert len(off) == 12
