@@ -189,9 +189,9 @@ def build_hf_generate(
     if model is None:
         from transformers import AutoModelForCausalLM
 
-        from gspo.training.model import _torch_dtype
+        from gspo.training.model import torch_dtype_of
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype, "rollout.dtype"))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype_of(dtype, "rollout.dtype"))
         model.requires_grad_(False)
     return HFGenerateEngine(model, tokenizer)
 

@@ -223,7 +223,7 @@ def build_tiny_model(
     # Forked RNG: building a model must not move the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype, "build_tiny_model.dtype"))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype_of(dtype, "build_tiny_model.dtype"))
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
@@ -267,7 +267,7 @@ def resolve_experts_implementation(requested: str) -> str:
     return AUTO_EXPERTS if requested == "auto" else requested
 
 
-def _torch_dtype(name: str, field_name: str = "model.dtype") -> torch.dtype:
+def torch_dtype_of(name: str, field_name: str = "model.dtype") -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
@@ -301,7 +301,7 @@ def load_policy(model_cfg: Any, *, output_dir: str | os.PathLike, device: str | 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype_name = getattr(model_cfg, "dtype", "float32")
-    torch_dtype = _torch_dtype(dtype_name)
+    torch_dtype = torch_dtype_of(dtype_name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = resolve_model_path(
         model_cfg.name_or_path, output_dir, dtype=dtype_name, tiny=getattr(model_cfg, "tiny", None)

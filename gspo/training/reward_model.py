@@ -25,8 +25,7 @@ from typing import Any
 from gspo.data import load_rows
 from gspo.logging import MetricsWriter
 from gspo.registry import STAGES, TASKS
-from gspo.training.optim import scheduler_name
-from gspo.training.sft import _as_messages, _metrics_callback
+from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
 
 
 def preference_rows(data_cfg: Any, *, seed: int) -> list[dict[str, Any]]:
@@ -46,8 +45,8 @@ def preference_rows(data_cfg: Any, *, seed: int) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"reward_model data row {i}: missing {', '.join(missing)} (needs {col!r} "
                              f"(data.prompt_column), 'chosen', 'rejected'); columns: {', '.join(sorted(row))}")
-        out.append({"prompt": _as_messages(row[col], "user"), "chosen": _as_messages(row["chosen"], "assistant"),
-                    "rejected": _as_messages(row["rejected"], "assistant")})
+        out.append({"prompt": as_messages(row[col], "user"), "chosen": as_messages(row["chosen"], "assistant"),
+                    "rejected": as_messages(row["rejected"], "assistant")})
     return out
 
 
@@ -56,9 +55,9 @@ def build_reward_model(model_cfg: Any, *, seed: int) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from gspo.training.model import TINY_PREFIX, _torch_dtype, build_tokenizer, tiny_config
+    from gspo.training.model import TINY_PREFIX, build_tokenizer, tiny_config, torch_dtype_of
 
-    dtype = _torch_dtype(model_cfg.dtype)
+    dtype = torch_dtype_of(model_cfg.dtype)
     if model_cfg.name_or_path.startswith(TINY_PREFIX):
         tokenizer = build_tokenizer()
         overrides = dict(model_cfg.tiny or {})
@@ -98,11 +97,10 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], *
 
 @STAGES.register("reward_model")
 def run_reward_model(cfg: Any) -> str:
-    import torch
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    out, rc, o = cfg.output_dir, cfg.reward_model, cfg.optim
+    out, rc = cfg.output_dir, cfg.reward_model
     os.makedirs(out, exist_ok=True)
     pairs = preference_rows(cfg.data, seed=cfg.seed)
     random.Random(cfg.seed).shuffle(pairs)
@@ -113,15 +111,7 @@ def run_reward_model(cfg: Any) -> str:
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     model, tokenizer = build_reward_model(cfg.model, seed=cfg.seed)
     args = RewardConfig(
-        output_dir=os.path.join(out, "trl"),
-        learning_rate=o.lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2,
-        adam_epsilon=o.adam_eps,
-        max_grad_norm=o.max_grad_norm,
-        lr_scheduler_type=scheduler_name(o),
-        warmup_steps=o.warmup_steps,
+        **common_args(cfg),
         num_train_epochs=rc.num_epochs,
         max_steps=rc.max_steps,
         per_device_train_batch_size=rc.batch_size,
@@ -129,24 +119,12 @@ def run_reward_model(cfg: Any) -> str:
         max_length=rc.max_length,
         center_rewards_coefficient=rc.center_rewards_coefficient,
         gradient_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default would be True
-        logging_steps=max(1, cfg.logging.log_every),
         eval_strategy="no",
-        save_strategy="no",
-        report_to=list(cfg.logging.trackers) or "none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=cfg.model.dtype == "bfloat16",
-        disable_tqdm=not cfg.logging.progress,
-        dataset_num_proc=None,
     )
     writer = MetricsWriter(out)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
-                            processing_class=tokenizer, callbacks=[_metrics_callback(writer)])
-    trainer.train()
-    final = os.path.join(out, "final")
-    trainer.model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+                            processing_class=tokenizer, callbacks=[metrics_callback(writer)])
+    final = train_and_save(trainer, tokenizer, out)
 
     metrics = {"eval/accuracy": pairwise_accuracy(trainer.model, tokenizer, eval_pairs),
                "train/accuracy": pairwise_accuracy(trainer.model, tokenizer, train_pairs[:len(eval_pairs)]),

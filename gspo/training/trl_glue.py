@@ -1,0 +1,64 @@
+"""What the stages built on TRL trainers (sft, reward_model) share: chat-message rows, the training arguments
+that come from the common config sections, metrics.jsonl logging, and the `final/` save."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gspo.logging import MetricsWriter
+from gspo.training.optim import scheduler_name
+
+
+def as_messages(x: Any, role: str) -> list[dict[str, str]]:
+    """A chat-message list as is; a plain string as one message of `role`."""
+    return x if isinstance(x, list) else [{"role": role, "content": str(x)}]
+
+
+def common_args(cfg: Any) -> dict[str, Any]:
+    """transformers TrainingArguments from the `optim`, `logging`, `model` sections and the seed."""
+    import torch
+
+    o = cfg.optim
+    return {
+        "output_dir": os.path.join(cfg.output_dir, "trl"),
+        "learning_rate": o.lr,
+        "weight_decay": o.weight_decay,
+        "adam_beta1": o.adam_beta1,
+        "adam_beta2": o.adam_beta2,
+        "adam_epsilon": o.adam_eps,
+        "max_grad_norm": o.max_grad_norm,
+        "lr_scheduler_type": scheduler_name(o),
+        "warmup_steps": o.warmup_steps,
+        "logging_steps": max(1, cfg.logging.log_every),
+        "save_strategy": "no",
+        "report_to": list(cfg.logging.trackers) or "none",
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": cfg.model.dtype == "bfloat16",
+        "disable_tqdm": not cfg.logging.progress,
+        "dataset_num_proc": None,
+    }
+
+
+def metrics_callback(writer: MetricsWriter) -> Any:
+    """A TrainerCallback writing each logged step (with a loss) to metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    class _ToJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # transformers' signature
+            if logs and "loss" in logs:
+                writer.write({"step": state.global_step, "rollout": 0, **{k: v for k, v in logs.items()
+                                                                            if isinstance(v, (int, float))}})
+
+    return _ToJsonl()
+
+
+def train_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> str:
+    """Train, then write the model and tokenizer to `output_dir/final` (the stage's artifact)."""
+    trainer.train()
+    final = os.path.join(output_dir, "final")
+    trainer.model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    return final
