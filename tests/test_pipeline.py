@@ -1,7 +1,8 @@
 """`gspo pipeline`: wiring, stage-targeted overrides, manifest, resume after a kill, refusing a changed stage.
 
 The end-to-end runs are real: tiny MoE, TRL SFT, the GSPO trainer (HF generate rollouts to stay fast), each
-pipeline in a subprocess of the `gspo` command, one of them SIGKILLed while its third stage runs.
+pipeline in a subprocess of the `gspo` command: one SIGKILLed while its last stage (alignment RL) runs and
+resumed from that stage's checkpoint, one SIGKILLed in stage 3 (rejection-sampling SFT) and restarted there.
 """
 
 import json
@@ -190,6 +191,40 @@ def test_killed_pipeline_resumes_without_rerunning_finished_stages(killed_then_r
     assert sorted(set(rollouts)) == list(range(1, ROLLOUTS + 1)) and rollouts == sorted(rollouts)
     assert len(rows) == ROLLOUTS * 4
     assert r["killed_at"] < ROLLOUTS
+
+
+def test_pipeline_killed_in_stage_3_reruns_only_from_there(tmp_path):
+    """The issue's case: interrupted in stage 3 (RS-SFT), the rerun starts there; stages 1-2 are not rerun."""
+    out = tmp_path / "out"
+    pipe = write_four_stage_pipeline(tmp_path / "pipe.yaml", out, alignment_rollouts=2)
+    proc = gspo("pipeline", pipe, cwd=tmp_path)
+    deadline = time.time() + 240
+    while True:  # SIGKILL as soon as the manifest says rs_sft is running
+        assert proc.poll() is None, f"the pipeline ended before rs_sft ran:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "rs_sft did not start within 240 s"
+        try:
+            if manifest(out).get("rs_sft", {}).get("status") == "running":
+                break
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet / being replaced
+            pass
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = manifest(out)
+    earlier = ("reward_model", "cold_start", "reasoning_rl", "rejection_sampling")
+    mtimes = {s: tree_mtimes(out / s) for s in earlier}
+    second = gspo("pipeline", pipe, cwd=tmp_path)
+    log, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, log[-3000:]
+    after = manifest(out)
+    assert before["rs_sft"]["status"] == "running" and after["rs_sft"]["status"] == "done"
+    assert after[LAST]["status"] == "done"
+    for name in earlier:
+        assert before[name]["status"] == "done"
+        assert after[name]["started_at"] == before[name]["started_at"], name
+        assert tree_mtimes(out / name) == mtimes[name], f"{name}'s files were rewritten"
+    assert after["rs_sft"]["started_at"] > before["rs_sft"]["started_at"]  # restarted, not skipped
+    assert log.count("skipped") == len(earlier)
 
 
 def test_changed_config_of_a_finished_stage_is_refused_then_rerun(killed_then_resumed, tmp_path):
