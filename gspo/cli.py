@@ -145,7 +145,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate_pipeline(args: argparse.Namespace) -> int:
-    from gspo.pipeline import describe, dump_stage_config, validate_pipeline
+    from gspo.pipeline import describe, validate_pipeline
 
     pipe, stages = validate_pipeline(args.config, args.overrides)
     print(describe(pipe, stages))
@@ -153,7 +153,7 @@ def _validate_pipeline(args: argparse.Namespace) -> int:
         print(f"--- {st.spec.name}")
         print(summary(st.config))
         if getattr(args, "print_config", False):
-            print(dump_stage_config(st), end="")
+            print(st.config.to_yaml(), end="")
     print("pipeline OK")
     return 0
 
@@ -178,6 +178,9 @@ def _eval(args: argparse.Namespace) -> int:
     from gspo.evaluation import run_eval
 
     cfg = load_config(args.config, args.overrides)
+    if not cfg.rewards:
+        return _fail("rewards: `gspo eval` scores samples with the config's reward functions and it has none; "
+                     "add e.g. `rewards: [synthetic_accuracy]` (or use an eval config such as recipes/tiny/eval.yaml)")
     result = run_eval(cfg)  # writes OUTPUT_DIR/eval.json
     # pass@1 / pass@k first, then the other numbers (mean rewards: accuracy, format rate, ...).
     for key in sorted(result, key=lambda k: (not k.startswith("pass@"), k)):

@@ -204,7 +204,8 @@ class MoEConfig:
     dead_expert_window: int = field(default=10, metadata=doc(
         "Rollouts without a token before an expert counts as dead.", ge=1))
     routing_replay: Literal["none", "r2", "r3"] = field(default="none", metadata=doc(
-        "Routing Replay: `r2` replays pi_old's experts in the trainer; `r3` replays the engine's experts."))
+        "Routing Replay: `r2` replays pi_old's experts in the trainer; `r3` (replay the engine's experts) is "
+        "refused until an engine returns its routed experts (docs/moe.md)."))
 
 
 @dataclass
@@ -487,15 +488,11 @@ def check_config(cfg: Config) -> list[ConfigError]:
         err("algorithm.num_minibatches", "rollout.prompts_per_step * rollout.group_size = "
             f"{r.prompts_per_step} * {r.group_size} = {n} completions do not split into {k} equal "
             "minibatches; choose algorithm.num_minibatches among the divisors of that product")
-    if r.group_size < 2:
-        err("rollout.group_size", f"must be >= 2 (group advantages compare completions of one prompt), got "
-            f"{r.group_size}")
-    for name in ("clip_low", "clip_high"):
-        v = getattr(a, name)
-        if v is not None and v < 0:
-            err(f"algorithm.{name}", f"must be >= 0, got {v}")
     if cfg.lora.target_parameters and not cfg.lora.enabled:
         err("lora.target_parameters", "is set but lora.enabled is false; set lora.enabled: true or remove it")
+    if cfg.moe.routing_replay == "r3":
+        err("moe.routing_replay", "r3 replays the rollout engine's routed experts, and no engine here returns "
+            "them (vLLM 0.32 does only with its V2 model runner, GPU + Triton, not wired yet); use r2")
     if cfg.lora.enabled and cfg.lora.target_parameters and cfg.lora.dropout > 0:
         err("lora.dropout", "must be 0 with lora.target_parameters (peft has no dropout for parameter adapters)")
     is_tiny = m.name_or_path.startswith("tiny:")
@@ -525,13 +522,15 @@ def check_config(cfg: Config) -> list[ConfigError]:
     for i, k_i in enumerate(cfg.eval.k):
         if not 1 <= k_i <= cfg.eval.num_samples:
             err(f"eval.k.{i}", f"pass@{k_i} needs 1 <= k <= eval.num_samples={cfg.eval.num_samples}")
-    names_all = [s.name or s.fn.rpartition(":")[2] for s in cfg.rewards]
-    if cfg.eval.pass_reward is not None and cfg.rewards and cfg.eval.pass_reward not in names_all:
+    from gspo.rewards import reward_name
+
+    names = [reward_name(s) for s in cfg.rewards]
+    if cfg.eval.pass_reward is not None and cfg.rewards and cfg.eval.pass_reward not in names:
         err("eval.pass_reward", f"{cfg.eval.pass_reward!r} is not a configured reward; configured: "
-            f"{', '.join(names_all)}")
-    names = [s.name for s in cfg.rewards if s.name]
+            f"{', '.join(names)}")
     for dup in sorted({x for x in names if names.count(x) > 1}):
-        err("rewards", f"two rewards are named {dup!r}; names must be unique (they key the logged metrics)")
+        err("rewards", f"two rewards are named {dup!r}; names must be unique (they key the logged metrics): "
+            "give one of them a `name:`")
 
     # Registry names: fill the registries first (built-ins, then the config's own plugins).
     from gspo import registry

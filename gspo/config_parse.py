@@ -225,7 +225,9 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[ConfigError]) -> Any:
     bad = ConfigError(f"{key}: expected {type_name(tp)}, got {_describe(value)}", key)
     if origin in (Union, types.UnionType):  # always `X | None` here
         inner = next(a for a in args if a is not type(None))
-        if value is None or (isinstance(value, str) and value in _NULL_WORDS and inner is not str):
+        # `key=None` on the command line arrives as the text "None": for an optional field it means null (a
+        # model or tokenizer literally named "None" is far less likely than this slip).
+        if value is None or (isinstance(value, str) and value in _NULL_WORDS):
             return None
         return _coerce(value, inner, key, errors)
     if value is None:

@@ -49,8 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gspo.config import Config, ConfigError, apply_overrides, check_config, read_yaml
 from gspo.manifest import (
     changed_keys,
@@ -109,11 +107,9 @@ class Pipeline:
 
 
 def is_pipeline_file(path: str | os.PathLike) -> bool:
-    """A YAML file with a top-level `stages:` key is a pipeline file (not a stage config)."""
-    try:
-        return "stages" in read_yaml(path)
-    except ConfigError:
-        return False
+    """A YAML file with a top-level `stages:` key is a pipeline file (not a stage config). A file that cannot
+    be read as a config raises its ConfigError (the real problem, not "not a pipeline file")."""
+    return "stages" in read_yaml(path)
 
 
 def _unknown(kind: str, key: str, valid: tuple[str, ...] | list[str]) -> str:
@@ -351,8 +347,9 @@ def resolve_stages(pipe: Pipeline, outputs: dict[str, str] | None = None) -> lis
     names, types = pipe.names(), [_stage_type(s) for s in pipe.stages]
 
     def output_of(stage: str) -> str:
-        return outputs.get(stage) or os.path.join(pipe.stage_dir(stage),
-                                                  EXPECTED_OUTPUT.get(types[names.index(stage)], "final"))
+        # Absolute, like the outputs a finished stage records: the wiring reads the same before and after.
+        return outputs.get(stage) or os.path.abspath(os.path.join(
+            pipe.stage_dir(stage), EXPECTED_OUTPUT.get(types[names.index(stage)], "final")))
 
     resolved: list[ResolvedStage] = []
     problems: list[str] = []
@@ -450,10 +447,9 @@ def run_eval_for(stage: ResolvedStage, output: str) -> dict[str, Any]:
     numbers (the per-prompt lists left out)."""
     from gspo.evaluation import run_eval  # lazily: evaluation imports the rollout engines
 
-    cfg = stage.eval_config
-    assert cfg is not None
-    cfg.model.name_or_path = output  # the actual output (the expected path was wired before the stage ran)
-    result = run_eval(cfg, model_path=output, output_dir=stage.config.output_dir)
+    assert stage.eval_config is not None
+    # model_path: the actual output (the expected path was wired before the stage ran).
+    result = run_eval(stage.eval_config, model_path=output)
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
@@ -479,9 +475,13 @@ class _Processes:
 
 
 def plan_stage(entry: dict[str, Any], stage: ResolvedStage, *, upstream_ran: bool, rerun: bool) -> str:
-    """What to do with one stage given its manifest entry: "skip", "resume" (rl, from checkpoints/latest) or
-    "fresh". Raises PipelineError for a finished stage whose config changed, unless `rerun`."""
+    """What to do with one stage given its manifest entry: "skip", "eval" (trained, evaluation pending),
+    "resume" (rl, from checkpoints/latest) or "fresh". Raises PipelineError for a finished stage whose config changed, unless `rerun`."""
     h = config_hash(stage.config)
+    trained = entry.get("status") in ("trained", "eval_failed") and bool(entry.get("output")) \
+        and os.path.exists(entry["output"])
+    if trained and not upstream_ran and entry.get("config_hash") == h:
+        return "eval"  # trained, but its evaluation did not finish: never retrain for that
     if _done(entry) and not upstream_ran:
         if entry.get("config_hash") == h:
             return "skip"
@@ -533,7 +533,9 @@ def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) ->
             if procs.main:
                 _log(f"stage {st.spec.name}: done ({entry['output']}), skipped")
             continue
-        _run_stage(pipe, st, entry, manifest, resume=action == "resume", env=env, procs=procs)
+        if action != "eval":
+            _run_stage(pipe, st, entry, manifest, resume=action == "resume", env=env, procs=procs)
+        _evaluate_and_finish(pipe, st, entry, manifest, procs=procs)
         outputs[st.spec.name] = entry["output"]
         upstream_ran = True
     if report and procs.main:
@@ -545,7 +547,6 @@ def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) ->
 def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifest: dict[str, Any], *,
                resume: bool, env: dict[str, Any], procs: _Processes) -> None:
     from gspo.registry import STAGES
-    from gspo.report import stage_summary
 
     cfg = st.config
     if resume:
@@ -557,6 +558,12 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
             _log(f"stage {st.spec.name}: {entry.get('status', 'stale')} before; starting it again from "
                  "scratch")
             shutil.rmtree(cfg.output_dir)
+        # Every later stage depends on this one: none of them counts as done any more (also if this run is
+        # killed before reaching them).
+        later = manifest["stages"][manifest["stages"].index(entry) + 1:]
+        for e in later:
+            if e.get("status") != "pending":
+                e["status"] = "pending"
         entry.clear()
         entry.update({"name": st.spec.name, "type": st.type, "status": "running", "config": cfg.to_dict(),
                       "config_hash": config_hash(cfg), "config_file": st.spec.config,
@@ -572,24 +579,46 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
     start = time.time()
     try:
         output = STAGES.get(st.type)(cfg)
-        entry["output"] = os.path.abspath(output) if output else None
-        if st.eval_config is not None and output:
-            if procs.main:
-                _log(f"stage {st.spec.name}: eval of {output}")
-            entry["eval_wiring"] = st.eval_wiring
-            entry["eval"] = run_eval_for(st, entry["output"])
     except BaseException as e:
-        if procs.main:
-            entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}", "ended_at": now_utc(),
-                          "wall_s": round(time.time() - start, 3)})
-            write_manifest(pipe.output_dir, manifest)
+        _record_failure(pipe, entry, manifest, e, start, procs)
         raise
     procs.barrier()
     if procs.main:
-        entry.update({"status": "done", "ended_at": now_utc(), "wall_s": round(time.time() - start, 3),
-                      "metrics": stage_summary(cfg.output_dir, st.type)})
+        # Recorded before the evaluation: a failed evaluation never costs the trained stage.
+        entry.update({"status": "trained", "output": os.path.abspath(output) if output else None,
+                      "wall_s": round(time.time() - start, 3)})
         write_manifest(pipe.output_dir, manifest)
-        _log(f"stage {st.spec.name}: done in {entry['wall_s']:.1f} s -> {entry['output']}")
+
+
+def _record_failure(pipe: Pipeline, entry: dict[str, Any], manifest: dict[str, Any], e: BaseException,
+                    start: float, procs: _Processes, status: str = "failed") -> None:
+    if procs.main:
+        entry.update({"status": status, "error": f"{type(e).__name__}: {e}", "ended_at": now_utc(),
+                      "wall_s": round(time.time() - start, 3)})
+        write_manifest(pipe.output_dir, manifest)
+
+
+def _evaluate_and_finish(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifest: dict[str, Any],
+                         *, procs: _Processes) -> None:
+    """The stage's evaluation (main process only: one engine, one eval.json), then status done."""
+    from gspo.report import stage_summary
+
+    output = entry.get("output")
+    start = time.time()
+    if st.eval_config is not None and output and procs.main:
+        _log(f"stage {st.spec.name}: eval of {output}")
+        entry["eval_wiring"] = st.eval_wiring
+        try:
+            entry["eval"] = run_eval_for(st, output)
+        except BaseException as e:
+            _record_failure(pipe, entry, manifest, e, start, procs, status="eval_failed")
+            raise
+    procs.barrier()
+    if procs.main:
+        entry.update({"status": "done", "ended_at": now_utc(), "error": None,
+                      "metrics": stage_summary(st.config.output_dir, st.type)})
+        write_manifest(pipe.output_dir, manifest)
+        _log(f"stage {st.spec.name}: done in {entry['wall_s']:.1f} s -> {output}")
 
 
 def validate_pipeline(path: str, overrides: list[str] | tuple[str, ...] = ()
@@ -603,5 +632,3 @@ def validate_pipeline(path: str, overrides: list[str] | tuple[str, ...] = ()
     return pipe, resolve_stages(pipe, done)
 
 
-def dump_stage_config(stage: ResolvedStage) -> str:
-    return yaml.safe_dump(stage.config.to_dict(), sort_keys=False, default_flow_style=False, width=110)

@@ -287,7 +287,12 @@ def _check_signature(name: str, fn: Callable[..., Any], columns: Sequence[str], 
     return frozenset(params), var_kw, frozenset(required)
 
 
-def _default_name(ref: str) -> str:
+def reward_name(spec: Any) -> str:
+    """The name a reward spec logs under (`rewards/<name>/mean`): its `name`, else the function's name."""
+    name = _field(spec, "name")
+    if name:
+        return name
+    ref = _field(spec, "fn")
     return ref.rpartition(":")[2] if ":" in ref else ref
 
 
@@ -410,7 +415,7 @@ class RewardSet:
         for k, spec in enumerate(specs):
             ref = _field(spec, "fn")
             fn = load_reward_fn(ref, base_dir=base_dir)
-            name = _field(spec, "name") or _default_name(ref)
+            name = reward_name(spec)
             on_error = _field(spec, "on_error", "error") or "error"
             if on_error not in ON_ERROR_CHOICES:
                 raise RewardLoadError(

@@ -216,8 +216,9 @@ def _build_namespace(job: dict, mount, unshare) -> str:
     return work
 
 
-def _exec_program(job: dict, work: str, io_fds: tuple[int, int, int], mount, prctl) -> None:
-    """In the forked child: finish isolating, drop privileges, exec the program. Never returns."""
+def _exec_program(job: dict, work: str, io_fds: tuple[int, int, int], mount, prctl, report_fd: int) -> None:
+    """In the forked child: finish isolating, drop privileges, exec the program. Never returns. `report_fd`
+    (close-on-exec) stays open until the exec, for the caller to report a failure before it."""
     import resource
 
     lim, isolate, uid = job["limits"], job["isolate"], job["uid"]
@@ -228,7 +229,8 @@ def _exec_program(job: dict, work: str, io_fds: tuple[int, int, int], mount, prc
         os.setsid()
     for fd, target in zip(io_fds, (0, 1, 2)):
         os.dup2(fd, target)
-    os.closerange(3, 65536)
+    os.closerange(3, report_fd)
+    os.closerange(report_fd + 1, 65536)
     os.chdir(work)
     mb = 1024 * 1024
     for res, value in (
@@ -276,13 +278,27 @@ def _launch(job: dict) -> dict:
     if isolate:
         os.chown(os.path.join(work, "main.py"), job["uid"], job["uid"])
     fds = (os.open(paths[0], os.O_RDONLY), *(os.open(p, os.O_WRONLY | os.O_CREAT, 0o600) for p in paths[1:]))
+    # A failure before the exec is reported through a close-on-exec pipe, which the program can never
+    # write to: it cannot fake "isolation failed" (and so fail the whole batch) by printing that and exiting.
+    report_r, report_w = os.pipe()  # O_CLOEXEC
     pid = os.fork()
     if pid == 0:
+        os.close(report_r)
         try:
-            _exec_program(job, work, fds, mount, prctl)
+            _exec_program(job, work, fds, mount, prctl, report_w)
         except BaseException as e:  # noqa: BLE001 - report and die; never run unisolated
-            os.write(2, f"{ISOLATION_FAILED}: {e}\n".encode())
+            os.write(report_w, f"{e}".encode(errors="replace")[:4000])
         os._exit(97)
+    os.close(report_w)
+    import select
+
+    ready, _, _ = select.select([report_r], [], [], lim["wall_s"])
+    setup_error = os.read(report_r, 4096).decode(errors="replace") if ready else ""  # "" = EOF: exec happened
+    os.close(report_r)
+    if setup_error:
+        os.waitpid(pid, 0)
+        return {"status": ISOLATION_FAILED, "returncode": None, "stdout": "", "stderr": "",
+                "detail": f"{ISOLATION_FAILED}: {setup_error}"}
     deadline = time.monotonic() + lim["wall_s"]
     status, timed_out = None, False
     while status is None:
@@ -305,8 +321,6 @@ def _launch(job: dict) -> dict:
 
     out, err = read(paths[1]), read(paths[2])
     code = os.waitstatus_to_exitcode(status)
-    if code == 97 and err.startswith(ISOLATION_FAILED):
-        return {"status": ISOLATION_FAILED, "returncode": None, "stdout": "", "stderr": "", "detail": err.strip()}
     if not isolate:
         import shutil
 

@@ -394,3 +394,13 @@ def test_load_builtins_fills_every_registry_without_importing_vllm():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
     assert proc.stdout.strip() == "[] False", proc.stdout + proc.stderr
+
+
+def test_r3_replay_is_refused_with_the_reason(write):
+    e = error_of(write(base_dict()), ["moe.routing_replay=r3"])
+    assert e.key == "moe.routing_replay" and "routed experts" in str(e) and "r2" in str(e)
+
+
+def test_two_rewards_with_the_same_default_name_are_refused(write):
+    e = error_of(write(base_dict()), ["rewards=[synthetic_accuracy,synthetic_accuracy]"])
+    assert e.key == "rewards" and "synthetic_accuracy" in str(e)

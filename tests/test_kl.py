@@ -100,3 +100,11 @@ def test_kl_errors_name_the_field():
         LOSSES.get("gspo")(logp, old, adv, mask, beta=0.1, ref_logp=ref, kl_estimator="k2")
     with pytest.raises(ValueError, match="beta"):
         LOSSES.get("gspo")(logp, old, adv, mask, beta=-1.0, ref_logp=ref)
+
+
+def test_k3_stays_finite_far_from_the_reference():
+    logp = torch.tensor([[-200.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    k = kl_k3(logp, ref)
+    k.sum().backward()
+    assert torch.isfinite(k).all() and torch.isfinite(logp.grad).all() and float(k[0, 0]) > 1e8

@@ -290,3 +290,24 @@ def test_lora_resume_reproduces_the_uninterrupted_run_and_final_is_a_plain_model
     start = _sample_logp(nxt.accelerator.unwrap_model(nxt.model))
     assert float((start - want).abs().max()) < 1e-5  # fresh adapters (B = 0): exactly the previous stage
     assert all(math.isfinite(r["loss"]) for r in nxt.step())
+
+
+def test_sft_stage_trains_adapters_only_and_writes_merged_final(tmp_path):
+    """`lora.enabled` in an sft stage: only adapters train, final/ is a plain merged model, final_adapter/ peft."""
+    import os as _os
+
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+
+    from gspo.training.model import resolve_model_path
+    from gspo.training.sft import run_sft
+
+    cfg = tiny_config("cold_start.yaml", tmp_path / "sft", "lora.enabled=true", "sft.max_steps=5",
+                      "lora.target_modules=[q_proj,v_proj]")
+    final = run_sft(cfg)
+    assert _os.path.isfile(_os.path.join(final + "_adapter", "adapter_config.json"))
+    base = load_file(_os.path.join(resolve_model_path("tiny:qwen3_moe", tmp_path / "sft"), "model.safetensors"))
+    merged = load_file(_os.path.join(final, "model.safetensors"))
+    assert set(merged) == set(base)  # plain checkpoint names, no peft prefixes
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only adapted weights moved

@@ -328,6 +328,19 @@ def test_huge_log_ratios_give_finite_loss_and_gradients(name):
             assert all(math.isfinite(v) for v in out.metrics.values())
 
 
+def test_gspo_token_equals_gspo_in_gradient_beyond_the_log_ratio_clamp():
+    logp, old, adv, mask, _ = random_batch(3, 1e-3, n=6, t=5)
+    old = old.clone()
+    old[0] -= 20.0  # log s = +20: clamped at 10 (negative advantage keeps the unclipped term)
+    old[1] += 20.0  # log s = -20
+    adv = adv.clone()
+    adv[0], adv[1] = -1.0, 1.0
+    out_s, grad_s = run("gspo", logp, old, adv, mask)
+    out_t, grad_t = run("gspo_token", logp, old, adv, mask)
+    assert torch.allclose(grad_t, grad_s, atol=1e-6) and float(grad_s[:2].abs().max()) == 0.0
+    assert math.isclose(float(out_t.loss), float(out_s.loss), rel_tol=1e-6)
+
+
 def test_low_precision_inputs_are_computed_in_float32():
     logp, old, adv, mask, _ = random_batch(2, 1e-4, n=5, t=7)
     ref = gspo_loss(logp, old, adv, mask)

@@ -48,7 +48,7 @@ def test_every_pipeline_file_validates_with_its_wiring(path, capsys):
         policy_seen |= st.type in ("sft", "rl")
         for reward in st.config.rewards:
             if reward.fn == "reward_model":
-                assert reward.kwargs["model_path"].startswith(pipe.output_dir)
+                assert reward.kwargs["model_path"].startswith(os.path.abspath(pipe.output_dir))
     assert main(["validate", path]) == 0
     assert "pipeline OK" in capsys.readouterr().out
 

@@ -156,3 +156,28 @@ def test_config_checks_name_the_rejection_keys(tmp_path):
         tiny_config("rejection_sampling.yaml", tmp_path, "rejection.mix_task=ad")
     with pytest.raises(ConfigError, match="rejection.max_tokens"):
         tiny_config("rejection_sampling.yaml", tmp_path, "rejection.min_tokens=5", "rejection.max_tokens=4")
+
+
+def test_mixed_in_messages_rows_keep_their_content(tmp_path):
+    """General SFT rows in `messages` form join the accepted prompt/completion rows in one table shape."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from gspo.training.rejection import _mix_rows
+
+    path = tmp_path / "general.jsonl"
+    path.write_text(_json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]}) + "\n")
+    rc = SimpleNamespace(mix_task=None, mix_task_kwargs={}, mix_path=str(path))
+    from gspo.training.sft import sft_rows
+
+    mixed = [{"prompt": "What is 1+1?", "completion": "<answer>2</answer>", "source": "accepted"},
+             *_mix_rows(rc, "train", 1, seed=0)]
+    data = tmp_path / "data.jsonl"  # as the stage writes it, read back as the sft stage does
+    data.write_text("".join(_json.dumps(r) + "\n" for r in mixed))
+    data_cfg = SimpleNamespace(task=None, path=str(data), split="train", prompt_column="prompt")
+    table = Dataset.from_list(sft_rows(data_cfg, seed=0)).to_list()
+    assert table[1]["prompt"] == [{"role": "user", "content": "hi"}]
+    assert table[1]["completion"] == [{"role": "assistant", "content": "hello"}]

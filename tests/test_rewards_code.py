@@ -218,3 +218,12 @@ def test_nested_hidden_paths_are_covered_once():
         shutil.rmtree(outer)
 
 
+
+
+@needs_root
+def test_a_program_cannot_fake_an_isolation_failure():
+    """Printing the launcher's failure marker and exiting 97 is just a failing program: it scores 0 like any
+    other, and the batch goes on (a real setup failure is reported through a close-on-exec pipe)."""
+    src = "import sys\nsys.stderr.write('isolation_failed: fake\\n')\nsys.exit(97)"
+    result = run_program(src, limits=Limits(**LIMITS))
+    assert result.status == "ok" and result.returncode == 97

@@ -56,6 +56,20 @@ def test_sampler_logprobs_equal_recompute(setup, temperature):
     assert torch.all(batch.logp[batch.mask == 0] == 0)
 
 
+def test_checkpoint_generation_config_processors_are_switched_off(setup):
+    """A checkpoint's generation_config (repetition penalty, n-gram bans...) must not shape the rollouts: the
+    trainer's logprobs know nothing of it, so the sampler's must match them."""
+    _, tok, model, engine, prompts = setup
+    saved = model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.8, 2
+    try:
+        batch = engine.generate(prompts, SamplingSpec(n=3, max_new_tokens=12, seed=2))
+    finally:
+        model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = saved
+    gap = ((batch.logp - recompute(model, batch, tok, 1.0)).abs() * batch.mask).max().item()
+    assert gap < 1e-5
+
+
 def test_top_k_logprobs_are_the_truncated_distribution(setup):
     """With top-k the sampler draws from the renormalized top-k set: its logprob is >= the full-softmax one
     and every drawn token is among the k most likely."""

@@ -270,7 +270,10 @@ def gspo_token_loss(
     fn = "gspo_token_loss"
     inp = _prepare(fn, logp, old_logp, advantages, mask, clip_low, clip_high, per_token_ok=True)
     log_s = sequence_log_ratio(inp.logp, inp.old_logp, inp.mask, max_log_ratio=max_log_ratio)  # [N]
-    log_s_it = log_s.detach()[:, None] + inp.logp - inp.logp.detach()  # [N, T], value log s_i
+    # [N, T], value log s_i. The token path carries gradient only where log s_i is inside the clamp, as in
+    # gspo_loss (the clamp's gradient is 0 beyond it); else a clamped sequence would still push e^10 * adv.
+    live = (log_s.detach().abs() < max_log_ratio)[:, None]
+    log_s_it = log_s.detach()[:, None] + torch.where(live, inp.logp - inp.logp.detach(), 0.0)
     s_it = torch.exp(log_s_it)  # [N, T]
     term, low, high = _clipped_objective(s_it, inp.adv, clip_low, clip_high)  # [N, T]
     low, high = low & inp.mask, high & inp.mask

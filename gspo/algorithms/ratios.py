@@ -62,7 +62,9 @@ def sequence_log_ratio(
     logp, old_logp, mask: [N, T] -> [N]. The mean runs over the |y_i| valid tokens only; a completion
     with no valid token gives 0 (s_i = 1). The result is clamped to [-max_log_ratio, max_log_ratio] so
     one far-off-policy completion cannot turn exp() into inf and the batch into nan (frameworks clamp at
-    10 to 20); beyond the clamp the gradient is 0, which is where clipping would stop it anyway.
+    10 to 20). Beyond the clamp the gradient is 0: a safety stop for a sequence so far off-policy (e^10 ~ 2e4)
+    that it signals a sync bug, not a learning signal. Within the paper's clip range clipping acts long before
+    (it keeps a negative-advantage term unclipped above 1 + eps, which is why the clamp matters).
     """
     if max_log_ratio <= 0:
         raise ValueError(f"sequence_log_ratio: max_log_ratio must be > 0, got {max_log_ratio}")

@@ -82,6 +82,12 @@ class HFGenerateEngine:
             pad_token_id=self.pad_token_id,
             num_return_sequences=1,  # prompts are repeated G times instead (also valid for greedy)
             return_dict_in_generate=True,
+            # Neutral values for every processor a checkpoint's generation_config could switch on (transformers
+            # fills unset fields from it): the trainer's logprobs know none of them, so rollouts must not either.
+            repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, min_p=None,
+            typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, bad_words_ids=None, suppress_tokens=None,
+            begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, min_new_tokens=None,
+            min_length=0, length_penalty=1.0, renormalize_logits=False,
         ), set(eos)
 
     @staticmethod

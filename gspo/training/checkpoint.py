@@ -73,6 +73,27 @@ def save_checkpoint(
     tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        _write_contents(tmp, model, tokenizer, optimizer, scheduler, trainer_state, lora_save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
+        raise
+    if os.path.exists(final):
+        # Re-saving the same rollout (the trainer avoids it): move the old copy aside, then rename the new one
+        # in; only a kill between these two renames would leave `latest` without its directory.
+        old = os.path.join(root, f".tmp-old-{name}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _write_latest(root, name)
+    _prune(root, keep)
+    return final
+
+
+def _write_contents(tmp: str, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    trainer_state: dict[str, Any], lora_save: str) -> None:
     # --- LoRA: adapter/ (what resuming needs) and/or the merged model/ ---
     from gspo.training.lora import is_lora, save_lora
 
@@ -88,12 +109,6 @@ def save_checkpoint(
     with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
         json.dump(trainer_state, f, indent=1)
     _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same rollout (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _write_latest(root, name)
-    _prune(root, keep)
-    return final
 
 
 def _write_latest(root: str, name: str) -> None:

@@ -69,11 +69,8 @@ class MoEMonitor:
         self.forward_module = model.get_decoder() if hasattr(model, "get_decoder") else model
         self.active = bool(self.routers)
         self.replay = moe_cfg.routing_replay if self.active else "none"
-        if self.replay == "r3":
-            # R3 needs the engine's routed experts per token; no engine here returns them yet.
-            logger.warning("moe.routing_replay=r3: the rollout engine does not return its routed experts; "
-                           "replaying the trainer's π_old routing instead (R2)")
-            self.replay = "r2"
+        if self.replay == "r3":  # config validation refuses it; a config built in code gets the same answer
+            raise ValueError("moe.routing_replay=r3: the rollout engine does not return its routed experts; use r2")
         self.aux_on = self.active and (moe_cfg.aux_loss_coef > 0 or moe_cfg.router_z_loss_coef > 0)
         self.metrics_on = self.active and moe_cfg.metrics
         self.tracker = ExpertHealthTracker(moe_cfg.dead_expert_window, moe_cfg.collapse_threshold) \
@@ -83,6 +80,11 @@ class MoEMonitor:
             r = self.routers[0]
             logger.info("MoE policy: %d router layers (%s), %d experts, top-%d; replay=%s, aux=%s",
                         len(self.routers), r.family, r.num_experts, r.top_k, self.replay, self.aux_on)
+
+    @property
+    def needs_old_routing(self) -> bool:
+        """Whether π_old's forward pass must run for MoE (metrics or R2 replay), whatever supplies old_logp."""
+        return self.metrics_on or self.replay == "r2"
 
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
@@ -95,7 +97,7 @@ class MoEMonitor:
     def old_pass(self, layout_mask: torch.Tensor) -> Iterator[None]:
         """Wrap π_old's forward over the whole rollout; keeps its routing for metrics, drift and replay."""
         self.old = None
-        if not (self.metrics_on or self.replay == "r2"):
+        if not self.needs_old_routing:
             yield
             return
         with RoutingRecorder(self.forward_module, routers=self.routers, entropy=self.metrics_on) as rec:

@@ -80,13 +80,22 @@ def _mix_rows(rc: Any, split: str, count: int, seed: int) -> list[dict[str, Any]
         task = TASKS.get(rc.mix_task)(**dict(rc.mix_task_kwargs or {}))
         rows = task.sft_rows(count, seed=seed + 1)
         return [{"prompt": r["prompt"], "completion": r["completion"], "source": "mix"} for r in rows]
-    rows = load_rows(rc.mix_path, split)
-    for i, row in enumerate(rows):
-        if "messages" not in row and not ("prompt" in row and "completion" in row):
-            raise ValueError(f"rejection.mix_path {rc.mix_path!r} row {i}: needs `messages` or `prompt` + "
-                             f"`completion`; columns: {', '.join(sorted(row))}")
+    rows = [_as_prompt_completion(row, rc.mix_path, i) for i, row in enumerate(load_rows(rc.mix_path, split))]
     picked = random.Random(seed).sample(range(len(rows)), min(count, len(rows)))
     return [dict(rows[i], source="mix") for i in sorted(picked)]
+
+
+def _as_prompt_completion(row: dict[str, Any], path: str, i: int) -> dict[str, Any]:
+    """One shape for every row of data.jsonl (a datasets table takes its columns from the first row, so mixed
+    shapes would silently empty rows): `messages` rows become prompt = every turn but the last, completion =
+    the last (an assistant turn)."""
+    if "prompt" in row and "completion" in row:
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and len(msgs) >= 2 and msgs[-1].get("role") == "assistant":
+        return {"prompt": msgs[:-1], "completion": msgs[-1:]}
+    raise ValueError(f"rejection.mix_path {path!r} row {i}: needs `prompt` + `completion`, or `messages` ending "
+                     f"with an assistant turn; columns: {', '.join(sorted(row))}")
 
 
 @STAGES.register("rejection_sampling")

@@ -3,6 +3,7 @@
 Data: a registered synthetic task (its reference completions) or a JSONL / HF dataset with either
 `prompt` + `completion` columns or a `messages` column. Loss on the completion tokens only by default.
 Writes `OUTPUT_DIR/final` (model + tokenizer) and `OUTPUT_DIR/metrics.jsonl` (one row per logged step).
+With `lora.enabled` only the adapters train; `final/` is the merged model and `final_adapter/` the adapter.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from gspo.data import load_rows
 from gspo.logging import MetricsWriter
 from gspo.registry import STAGES, TASKS
+from gspo.training import lora
 from gspo.training.model import load_policy
 from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
 
@@ -43,6 +45,8 @@ def run_sft(cfg: Any) -> str:
 
     out = cfg.output_dir
     model, tokenizer = load_policy(cfg.model, output_dir=out)
+    if cfg.lora.enabled:  # adapters only; final/ is still the merged model (train_and_save)
+        model = lora.apply_lora(model, cfg.lora)
     s = cfg.sft
     args = SFTConfig(
         **common_args(cfg),
@@ -52,7 +56,8 @@ def run_sft(cfg: Any) -> str:
         max_length=s.max_length,
         packing=s.packing,
         completion_only_loss=s.completion_only_loss,
-        router_aux_loss_coef=cfg.moe.aux_loss_coef or None,
+        # 0.0 switches TRL's aux loss off; None would mean "the architecture's own coefficient".
+        router_aux_loss_coef=cfg.moe.aux_loss_coef,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(cfg.data, seed=cfg.seed)),
                          processing_class=tokenizer, callbacks=[metrics_callback(MetricsWriter(out))])

@@ -26,6 +26,7 @@ import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ class RolloutData:
     adv: torch.Tensor  # [N]
     old_logp: torch.Tensor | None = None  # [N, T]
     ref_logp: torch.Tensor | None = None  # [N, T], only when algorithm.beta > 0
+    trainer_logp: torch.Tensor | None = None  # [N, T], the trainer's π_old pass, when it ran
 
     @property
     def prompt_len(self) -> int:
@@ -84,6 +86,11 @@ class GSPOTrainer:
         set_seed(cfg.seed)
         trackers = list(cfg.logging.trackers) or None
         self.accelerator = Accelerator(log_with=trackers, project_dir=self.out)
+        if self.accelerator.num_processes > 1:
+            # Every process would sample its own rollouts and write the same files: refuse instead.
+            raise RuntimeError(f"the rl stage runs on one process; got {self.accelerator.num_processes} "
+                               "(multi-GPU RL needs a server-mode engine and sharded rollouts, not built yet); "
+                               "launch the rl stages on one GPU")
 
         resume = resolve_checkpoint(self.out, cfg.resume_from) if cfg.resume_from else None
         use_lora = cfg.lora.enabled
@@ -128,7 +135,7 @@ class GSPOTrainer:
 
         r = cfg.rollout
         self.engine = build_engine(
-            r.engine, model_path=self.model_path, tokenizer=self.tokenizer, dtype=r.dtype or cfg.model.dtype,
+            r.engine, model_path=self.model_path, tokenizer=self.tokenizer, dtype=cfg.rollout_dtype,
             seed=cfg.seed, max_model_len=r.max_model_len or self._default_max_len(),
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
             enforce_eager=r.enforce_eager, model=self.accelerator.unwrap_model(self.model))
@@ -136,9 +143,11 @@ class GSPOTrainer:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         self.rollout_idx, self.global_step = 0, 0
+        self.saved_rollout = -1  # the rollout of the newest checkpoint on disk
         if resume:
             state = load_training_state(resume, self.optimizer, self.scheduler)
             self.rollout_idx, self.global_step = state["rollout"], state["step"]
+            self.saved_rollout = self.rollout_idx
             self.sampler.load_state_dict(state["sampler"])
             self.moe.load_state_dict(state.get("moe", {}))
             logger.info("resumed from %s at rollout %d (optimizer step %d)", resume, self.rollout_idx,
@@ -149,7 +158,9 @@ class GSPOTrainer:
             self.accelerator.init_trackers(cfg.logging.project, config=cfg.to_dict())
 
     def _default_max_len(self) -> int:
-        longest = max(len(self._prompt_ids(r)) for r in self.dataset.rows[:256])
+        # Every prompt is scanned once (a sample could miss the longest one, which vLLM would then reject
+        # mid-run); set rollout.max_model_len to skip the scan on large datasets.
+        longest = max(len(self._prompt_ids(r)) for r in self.dataset.rows)
         return longest + self.cfg.rollout.max_new_tokens + 8
 
     # --- hop helpers ------------------------------------------------------------------------------------
@@ -178,6 +189,11 @@ class GSPOTrainer:
                                    pad_token_id=self.tokenizer.pad_token_id,
                                    temperature=self.cfg.rollout.temperature, prompt_len=prompt_len)
 
+    def _trainer_state(self) -> Any:
+        """What TRL-style rewards read from `trainer_state` (global_step, max_steps, epoch), plus the rollout."""
+        return SimpleNamespace(global_step=self.global_step, max_steps=self.cfg.total_optimizer_steps,
+                               epoch=self.sampler.epoch, rollout=self.rollout_idx)
+
     def _completions_for_rewards(self, rows: list[dict[str, Any]], batch: RolloutBatch) -> list[Any]:
         conversational = isinstance(rows[0]["prompt"], list)
         if conversational:
@@ -198,20 +214,22 @@ class GSPOTrainer:
 
         with timer("rollout"):
             batch = self.engine.generate(prompt_ids, self._sampling())
+            if self.cfg.rollout.sleep_between_rollouts:  # free the engine's memory for the update (GPU)
+                self.engine.sleep()
 
         with timer("rewards"):
             columns = {k: _repeat([r.get(k) for r in rows], g) for k in self.columns}
             result = self.rewards(_repeat([r["prompt"] for r in rows], g),
                                   self._completions_for_rewards(rows, batch),
                                   [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask)],
-                                  columns)
+                                  columns, trainer_state=self._trainer_state())
 
         with timer("advantages"):
             adv = group_advantages(result.rewards, g, scale=self.spec.advantage)
 
         data = RolloutData(batch, rows, result.rewards, adv)
         with timer("old_logprobs"), self.moe.old_pass(data.layout_mask()):
-            data.old_logp = self._old_logprobs(batch)
+            data.old_logp = self._old_logprobs(data)
         if self.cfg.algorithm.beta > 0:
             with timer("ref_logprobs"), torch.no_grad(), self._reference():
                 data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
@@ -220,6 +238,8 @@ class GSPOTrainer:
             update_rows = self._update(data)
 
         with timer("weight_sync"):
+            if self.cfg.rollout.sleep_between_rollouts:
+                self.engine.wake_up()
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         rollout_metrics = self._rollout_metrics(data, result.metrics)
@@ -240,19 +260,17 @@ class GSPOTrainer:
             return self.accelerator.unwrap_model(self.model).disable_adapter()
         return nullcontext()
 
-    def _old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        trainer_logp = None
-        if self.cfg.rollout.old_logp_source == "trainer" or batch.logp is not None:
+    def _old_logprobs(self, data: RolloutData) -> torch.Tensor:
+        """π_old's logp: the trainer's recompute, or the sampler's (rollout.old_logp_source=engine). With the
+        engine's, the trainer pass still runs when MoE needs π_old's routing (metrics, R2 replay)."""
+        batch, engine = data.batch, self.cfg.rollout.old_logp_source == "engine"
+        if engine and batch.logp is None:
+            raise RuntimeError(f"rollout.old_logp_source=engine but engine {self.cfg.rollout.engine!r} returned "
+                               "no logprobs")
+        if not engine or self.moe.needs_old_routing:
             with torch.no_grad():
-                trainer_logp = self._logp(batch).float().cpu()
-        if self.cfg.rollout.old_logp_source == "engine":
-            if batch.logp is None:
-                raise RuntimeError(f"rollout.old_logp_source=engine but engine {self.cfg.rollout.engine!r} "
-                                   "returned no logprobs")
-            self._trainer_logp = trainer_logp
-            return batch.logp.float()
-        self._trainer_logp = trainer_logp
-        return trainer_logp
+                data.trainer_logp = self._logp(batch).float().cpu()
+        return batch.logp.float() if engine else data.trainer_logp
 
     def _update(self, data: RolloutData) -> list[dict[str, Any]]:
         """k minibatch updates per epoch over the rollout (GSPO paper §5.1: 4 minibatches)."""
@@ -302,15 +320,15 @@ class GSPOTrainer:
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
             "completions/truncated_frac": sum(r == "length" for r in b.finish_reasons) / len(b.finish_reasons),
-            "updates_per_rollout": self.cfg.algorithm.num_minibatches * self.cfg.algorithm.num_epochs,
+            "updates_per_rollout": self.cfg.optimizer_steps_per_rollout,
             "clip/low": self.clip_low,
             "clip/high": self.clip_high,
         }
         m.update(reward_metrics)
         m.update(self.lora_metrics)
-        if b.logp is not None and self._trainer_logp is not None:
+        if b.logp is not None and data.trainer_logp is not None:
             valid = b.mask.bool()
-            gap = (b.logp.float() - self._trainer_logp)[valid].abs()
+            gap = (b.logp.float() - data.trainer_logp)[valid].abs()
             m["logp_gap/mean"] = float(gap.mean())
             m["logp_gap/max"] = float(gap.max())
         return m
@@ -329,6 +347,7 @@ class GSPOTrainer:
     # --- loop, checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> str:
+        self.saved_rollout = self.rollout_idx
         state = {"rollout": self.rollout_idx, "step": self.global_step, "sampler": self.sampler.state_dict(),
                  "moe": self.moe.state_dict()}
         return save_checkpoint(self.out, self.rollout_idx, model=self.accelerator.unwrap_model(self.model),
@@ -349,7 +368,7 @@ class GSPOTrainer:
             if t.save_every and self.rollout_idx % t.save_every == 0:
                 self.save()
         bar.close()
-        if not (t.save_every and self.rollout_idx % t.save_every == 0):
+        if self.saved_rollout != self.rollout_idx:  # e.g. a run resumed at its end has nothing new to save
             self.save()
         final = os.path.join(self.out, "final")
         policy = self.accelerator.unwrap_model(self.model)

@@ -56,9 +56,16 @@ def metrics_callback(writer: MetricsWriter) -> Any:
 
 
 def train_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> str:
-    """Train, then write the model and tokenizer to `output_dir/final` (the stage's artifact)."""
+    """Train, then write the model and tokenizer to `output_dir/final` (the stage's artifact; with LoRA the
+    merged model there and the adapter in `final_adapter/`, as the rl stage does)."""
+    from gspo.training import lora
+
     trainer.train()
     final = os.path.join(output_dir, "final")
-    trainer.model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    if lora.is_lora(trainer.model):
+        lora.save_merged(trainer.model, final, tokenizer)
+        lora.save_adapter(trainer.model, final + "_adapter", tokenizer)
+    else:
+        trainer.model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
     return final
