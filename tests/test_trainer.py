@@ -135,3 +135,19 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(warm_model, tmp_pat
             vb = rb[key]
             assert (va == vb) or (isinstance(va, float) and math.isclose(va, vb, rel_tol=1e-6, abs_tol=1e-9)), \
                 (ra["step"], key, va, vb)
+
+
+def test_engine_logprobs_as_old_logp_skip_the_trainer_pass(warm_model, tmp_path):
+    """rollout.old_logp_source=engine: π_old is the sampler's logp and, with no MoE need for π_old's routing,
+    the trainer's π_old forward does not run (so no engine-vs-trainer gap can be logged)."""
+    rows = _short_run(tmp_path, warm_model, "rollout.old_logp_source=engine", "moe.metrics=false")
+    assert len(rows) == 12
+    assert all("logp_gap/mean" not in r for r in rows)
+    first = [r for r in rows if r["minibatch"] == 0]
+    # π_θ = π_old up to the engine/trainer numerical gap before the first update: tiny ratios, no clipping
+    assert all(abs(r["ratio/max"] - 1) < 1e-3 and r["clip_frac/high"] == 0.0 for r in first)
+
+
+def test_kl_term_with_a_frozen_reference_model(warm_model, tmp_path):
+    rows = _short_run(tmp_path, warm_model, "algorithm.beta=0.05")
+    assert rows[0]["kl"] < 1e-9 < max(r["kl"] for r in rows)  # π_θ = reference until the first update
