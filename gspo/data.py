@@ -39,12 +39,15 @@ class PromptSampler:
             raise ValueError(f"dataset has {num_rows} rows, fewer than rollout.prompts_per_step={batch_size}")
         self.num_rows, self.batch_size, self.seed, self.shuffle = num_rows, batch_size, seed, shuffle
         self.epoch, self.position = 0, 0
+        self._cached: tuple[int, list[int]] | None = None  # (epoch, its order): shuffled once per epoch
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.num_rows))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._cached is None or self._cached[0] != epoch:
+            order = list(range(self.num_rows))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
 
     def next_indices(self) -> list[int]:
         # Batches never straddle epochs: the tail of an epoch that cannot fill a batch is dropped,

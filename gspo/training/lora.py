@@ -58,9 +58,8 @@ class LoRAInfo:
 
 def is_lora(model: Any) -> bool:
     """Whether `model` is a peft-wrapped policy (through accelerate's `.module` wrappers too)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and not hasattr(model, "peft_config"):
-        model = model.module
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+    root = _peft_root(model)
+    return hasattr(root, "peft_config") and hasattr(root, "get_base_model")
 
 
 def lora_info(model: Any) -> LoRAInfo | None:

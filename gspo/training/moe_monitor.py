@@ -112,16 +112,16 @@ class MoEMonitor:
     @contextmanager
     def update_pass(self, rows: torch.Tensor, layout_mask: torch.Tensor) -> Iterator[_Minibatch]:
         """Wrap one minibatch's forward + backward: replay, recording for aux loss and drift."""
-        replay = RoutingReplay(self.forward_module, self.old.select(rows), self.routers) \
-            if self.replay == "r2" else nullcontext()
+        old = self.old.select(rows) if self.old is not None else None  # π_old's routing of these rows
+        replay = RoutingReplay(self.forward_module, old, self.routers) if self.replay == "r2" else nullcontext()
         record = self.metrics_on or self.aux_on
         rec = RoutingRecorder(self.forward_module, keep_logits=self.aux_on, entropy=False, routers=self.routers) \
             if record else None
         mb = _Minibatch(self, rec, layout_mask)
         with replay, (rec if rec is not None else nullcontext()):
             yield mb
-        if self.metrics_on and self.old is not None:
+        if self.metrics_on and old is not None:
             if mb.records is None:
                 mb.records = rec.records(mask=layout_mask.to(self.device))
-            mb.metrics.update(routing_drift(self.old.select(rows), mb.records))
+            mb.metrics.update(routing_drift(old, mb.records))
         mb.records = None  # drop the logits' graph
