@@ -3,7 +3,6 @@
 import asyncio
 import math
 import textwrap
-import threading
 
 import pytest
 import torch
@@ -293,5 +292,4 @@ def test_on_error_zero_and_skip(failing, name, affected, reason, policy):
 def test_timed_out_sync_reward_does_not_block_the_next_call(failing):
     rs = build(failing("slow_sync", on_error="zero"))
     for _ in range(2):
-        assert call(rs).rewards.tolist() == [0.0, 0.0, 0.0]
-    assert threading.active_count() >= 1
+        assert call(rs).rewards.tolist() == [0.0, 0.0, 0.0]  # each call times out on its own deadline
