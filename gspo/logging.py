@@ -44,11 +44,25 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
+def read_metrics(path: str, *, repair_last: bool = False) -> list[dict[str, Any]]:
+    """Rows of a JSONL metrics / samples file. A line that does not parse is an error naming the file and the
+    line, except, with `repair_last`, the last line: a crash mid-write tears only that one, and it is dropped
+    with a warning (the caller rewrites the file without it)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if repair_last and k == len(lines) - 1:
+                logger.warning("%s:%d: dropped a torn last line (a crash mid-write): %r", path, lineno,
+                               line[:80])
+                break
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
 
 
 class MetricsWriter:
@@ -62,31 +76,45 @@ class MetricsWriter:
         if keep_until_rollout is not None:
             # A resumed run drops rows written after its checkpoint, so the file reads as one unbroken run.
             for path in (self.path, self.samples_path):
-                rows = [r for r in read_metrics(path) if r.get("rollout", 0) <= keep_until_rollout]
+                rows = [r for r in read_metrics(path, repair_last=True)
+                        if r.get("rollout", 0) <= keep_until_rollout]
                 self._rewrite(path, rows)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-            if os.path.exists(self.samples_path):
-                os.remove(self.samples_path)
+        else:
+            # A fresh run starts fresh files; `gspo train` / `gspo pipeline` only get here in a folder that was
+            # empty or whose earlier run was deleted with overwrite=true (gspo/run_record.py). Never silently.
+            for path in (self.path, self.samples_path):
+                if os.path.exists(path):
+                    logger.warning("a fresh run replaces %s (%d rows of an earlier run)", path,
+                                   len(read_metrics(path)))
+                    os.remove(path)
 
     @staticmethod
     def _rewrite(path: str, rows: list[dict[str, Any]]) -> None:
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         os.replace(tmp, path)
+
+    @staticmethod
+    def _append(path: str, lines: list[str]) -> None:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.writelines(lines)
+        except OSError as e:  # a bare write error names no file ("[Errno 28] No space left on device")
+            raise OSError(e.errno, e.strerror or str(e), path) from e
 
     def write(self, row: dict[str, Any]) -> None:
         row = {k: _jsonable(v) for k, v in row.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(self.path, [json.dumps(row) + "\n"])
         if self.accelerator is not None and self.accelerator.trackers:
             numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
             self.accelerator.log(numeric, step=int(row["step"]))
 
     def write_samples(self, rollout: int, samples: list[dict[str, Any]]) -> None:
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"rollout": rollout, **s}) + "\n" for s in samples)
+        self._append(self.samples_path, [json.dumps({"rollout": rollout, **s}) + "\n" for s in samples])
         lines = [f"  reward={s['reward']:+.3f}  {s['prompt']!r} -> {s['completion']!r}" for s in samples]
         logger.info("rollout %d samples:\n%s", rollout, "\n".join(lines))
 

@@ -108,3 +108,18 @@ def test_sigkill_mid_save_never_breaks_latest(tmp_path):
         assert _complete(latest), latest
         opt, sched = opt_sched(Model())  # noqa: F821
         assert load_training_state(latest, opt, sched)["rollout"] >= 1
+
+
+def test_prune_never_removes_what_latest_names(tmp_path):
+    """A run saving rollout 2 next to an earlier run's rollouts 3 and 6 (the issue's reused output_dir):
+    pruning by name used to delete the checkpoint just written, leaving `latest` pointing at nothing."""
+    root = tmp_path / "checkpoints"
+    for k in (3, 6):
+        (root / f"rollout-{k:06d}").mkdir(parents=True)
+    path = _save(str(tmp_path), 2, Model(), keep=2)  # noqa: F821
+    assert resolve_checkpoint(str(tmp_path), "latest") == path and _complete(path)
+    # Checkpoints newer than `latest` are not this run's to prune.
+    assert sorted(os.listdir(root)) == ["latest", "rollout-000002", "rollout-000003", "rollout-000006"]
+    _save(str(tmp_path), 1, Model(), keep=1)  # noqa: F821
+    assert resolve_checkpoint(str(tmp_path), "latest").endswith("rollout-000001")
+    assert (root / "rollout-000001").is_dir()

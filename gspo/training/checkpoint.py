@@ -75,9 +75,9 @@ def save_checkpoint(
     os.makedirs(tmp)
     try:
         _write_contents(tmp, model, tokenizer, optimizer, scheduler, trainer_state, lora_save)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
-        raise
+        raise write_error(e, final) from e
     if os.path.exists(final):
         # Re-saving the same rollout (the trainer avoids it): move the old copy aside, then rename the new one
         # in; only a kill between these two renames would leave `latest` without its directory.
@@ -88,8 +88,36 @@ def save_checkpoint(
     else:
         os.rename(tmp, final)
     _write_latest(root, name)
-    _prune(root, keep)
+    _prune(root, keep, latest=name)
     return final
+
+
+# Below this many free bytes a failed write is put down to a full disk (torch.save reports one as
+# "[enforce fail at inline_container.cc] . unexpected pos ...", naming neither the cause nor the file).
+LOW_DISK_BYTES = 64 * 2**20
+
+
+def write_error(e: BaseException, path: str) -> BaseException:
+    """The exception to raise for a failed write of `path`: an OSError naming the path and the cause
+    ("No space left on device: runs/x/checkpoints/rollout-000004"), or `e` itself when it is not an I/O
+    failure (an interrupt, a bug)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), e.filename or path)
+    if isinstance(e, RuntimeError):  # torch's C++ writer: no errno; ask the file system
+        probe = path
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        try:
+            free = shutil.disk_usage(probe or ".").free
+        except OSError:
+            free = None
+        if free is not None and free < LOW_DISK_BYTES:
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free)", path)
+        if "unexpected pos" in str(e) or "file write failed" in str(e):
+            return OSError(errno.EIO, f"write failed ({' '.join(str(e).split())})", path)
+    return e
 
 
 def _write_contents(tmp: str, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -121,14 +149,28 @@ def _write_latest(root: str, name: str) -> None:
     _fsync_dir(root)
 
 
-def _prune(root: str, keep: int) -> None:
+def _rollout_number(name: str) -> int:
+    try:
+        return int(name[len("rollout-"):])
+    except ValueError:
+        return -1
+
+
+def _prune(root: str, keep: int, *, latest: str) -> None:
+    """Remove killed saves' leftovers and all but the `keep` newest checkpoints up to `latest`.
+
+    `latest` (the one just written) is always kept, and checkpoints numbered after it are left alone: they
+    are not this run's history (an earlier run's, in a folder reused with overwrite off in the Python API).
+    """
     for entry in os.listdir(root):  # leftovers of saves that were killed midway
         if entry.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
     if keep <= 0:
         return
-    done = sorted(e for e in os.listdir(root) if e.startswith("rollout-"))
-    for old in done[:-keep]:
+    limit = _rollout_number(latest)
+    older = sorted((e for e in os.listdir(root) if e.startswith("rollout-") and e != latest
+                    and 0 <= _rollout_number(e) < limit), key=_rollout_number)
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
