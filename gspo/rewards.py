@@ -26,6 +26,7 @@ import concurrent.futures
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import numbers
 import os
@@ -44,6 +45,8 @@ from gspo.registry import REWARDS, RegistryError, closest
 STANDARD_ARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 ON_ERROR_CHOICES = ("error", "zero", "skip")
 EXCERPT_CHARS = 160
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+logger = logging.getLogger("gspo")
 
 
 class RewardLoadError(ValueError):
@@ -126,10 +129,14 @@ def _load_builtins() -> None:
 
 
 def _resolve_file(path: str, base_dir: str | os.PathLike | None) -> Path:
+    # The config's rule for relative paths (gspo.config.resolve_input_path): its folder first, then the cwd.
     p = Path(path).expanduser()
-    tried = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(base_dir) / p] if base_dir else [])
-    for candidate in tried:
+    tried = [p] if p.is_absolute() else ([Path(base_dir) / p] if base_dir else []) + [Path.cwd() / p]
+    for k, candidate in enumerate(tried):
         if candidate.is_file():
+            if k and base_dir:
+                logger.info("reward file %r is not next to the config file (%s); using %s", path, base_dir,
+                            candidate.resolve())
             return candidate.resolve()
     raise RewardLoadError(f"reward file {path!r} not found; tried: {', '.join(str(t) for t in tried)}")
 
@@ -156,7 +163,7 @@ def load_reward_fn(ref: str, *, base_dir: str | os.PathLike | None = None) -> Ca
     """Resolve a reward reference to a callable.
 
     `ref` is a registered name ("math_accuracy"), "package.module:function", or "path/to/file.py:function"
-    (relative paths are tried against the current directory, then against `base_dir`, e.g. the recipe's
+    (relative paths are tried against `base_dir`, the config file's folder, then against the current
     directory). Raises `RewardLoadError` naming the reference and the reason.
     """
     if not isinstance(ref, str) or not ref.strip():
@@ -382,11 +389,14 @@ def _validate(raw: Any, n: int) -> tuple[list[float], list[tuple[int, str]]]:
             values.append(math.nan)
         elif isinstance(v, numbers.Real):  # bool and numpy scalars included
             v = float(v)
-            if math.isfinite(v):
-                values.append(v)
-            else:
+            if not math.isfinite(v):
                 values.append(math.nan)
                 bad.append((i, f"returned {v} (non-finite)"))
+            elif abs(v) > FLOAT32_MAX:  # finite here, inf once stored as float32: caught here, not later
+                values.append(math.nan)
+                bad.append((i, f"returned {v:g} (beyond float32's range, |r| <= {FLOAT32_MAX:.3g})"))
+            else:
+                values.append(v)
         else:
             values.append(math.nan)
             bad.append((i, f"returned a {type(v).__name__} ({_excerpt(repr(v))}), expected float | None"))
@@ -400,6 +410,7 @@ class RewardSet:
         if not rewards:
             raise RewardLoadError("no reward functions configured; add at least one entry under `rewards`")
         self.rewards = rewards
+        self._warned_abstain: set[str] = set()
 
     @property
     def names(self) -> list[str]:
@@ -425,7 +436,11 @@ class RewardSet:
             weight = 1.0 if weight is None else weight
             if not isinstance(weight, numbers.Real) or not math.isfinite(weight):
                 raise RewardLoadError(f"reward {name!r} (rewards[{k}]): weight must be a finite number, got {weight!r}")
-            timeout_s = _field(spec, "timeout_s")
+            from gspo.config import DEFAULT_REWARD_TIMEOUT_S  # lazily: gspo.config imports this module
+
+            # A spec without the key gets the default; only an explicit null turns the limit off.
+            has_key = "timeout_s" in spec if isinstance(spec, Mapping) else hasattr(spec, "timeout_s")
+            timeout_s = _field(spec, "timeout_s") if has_key else DEFAULT_REWARD_TIMEOUT_S
             if timeout_s is not None and not (isinstance(timeout_s, numbers.Real) and timeout_s > 0):
                 raise RewardLoadError(f"reward {name!r} (rewards[{k}]): timeout_s must be > 0 or null, got {timeout_s!r}")
             kwargs = dict(_field(spec, "kwargs") or {})
@@ -510,6 +525,12 @@ class RewardSet:
         # nansum without renormalization (see the module docstring); NaN where nobody scored the sample.
         total = torch.where(present, stacked * weights, torch.zeros_like(stacked)).sum(0)
         total[~present.any(0)] = math.nan
+        overflow = torch.isinf(total).nonzero().flatten().tolist()
+        if overflow:  # each value fits float32, their weighted sum does not
+            i = overflow[0]
+            raise RewardError(f"the weighted sum of the rewards overflows float32 at sample {i} of {n} "
+                              f"({', '.join(f'{r.name}={per_function[r.name][i].item():g} x {r.weight:g}' for r in self.rewards)}); "
+                              "scale the rewards or their weights down")
         return RewardResult(total.float(), per_function, metrics, extra)
 
     def _apply_policy(
@@ -543,4 +564,10 @@ class RewardSet:
         metrics[f"rewards/{r.name}/std"] = present.std(unbiased=False).item() if present.numel() else math.nan
         metrics[f"rewards/{r.name}/abstain_rate"] = (1.0 - present.numel() / n) if n else 0.0
         metrics[f"rewards/{r.name}/errors"] = float(len(bad))
+        if n and not present.numel() and not bad and r.name not in self._warned_abstain:
+            # Usually a format or column mismatch (the function never recognises an answer), not a choice.
+            self._warned_abstain.add(r.name)
+            logger.warning("reward %r abstained on every sample of a rollout (returned None for all %d); it "
+                           "contributes nothing to the reward. Check that it can parse these completions and "
+                           "columns (warned once)", r.name, n)
         return t

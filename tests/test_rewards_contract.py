@@ -293,3 +293,61 @@ def test_timed_out_sync_reward_does_not_block_the_next_call(failing):
     rs = build(failing("slow_sync", on_error="zero"))
     for _ in range(2):
         assert call(rs).rewards.tolist() == [0.0, 0.0, 0.0]  # each call times out on its own deadline
+
+
+def _bounded(fn, seconds=20):
+    """Run fn in a daemon thread; (finished, result or exception). A test of a hang must not hang itself."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - inspected by the test
+            box["out"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive(), box.get("out")
+
+
+def test_a_reward_that_never_returns_times_out_by_default(failing, monkeypatch):
+    """No timeout_s in the spec: the default applies (300 s; shortened here) and names the reward."""
+    import gspo.config
+
+    monkeypatch.setattr(gspo.config, "DEFAULT_REWARD_TIMEOUT_S", 0.3, raising=False)
+    hanging = {k: v for k, v in failing("slow_sync", on_error="error").items() if k != "timeout_s"}
+    finished, out = _bounded(lambda: call(build(hanging)))
+    assert finished, "the reward call hung: no default time-out"
+    assert isinstance(out, RewardError) and "'slow_sync'" in str(out) and "timeout_s=0.3" in str(out)
+    # on_error applies to a time-out as to an exception
+    finished, out = _bounded(lambda: call(build({**hanging, "on_error": "zero"})))
+    assert finished and out.rewards.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_timeout_off_only_when_set_so_explicitly():
+    from gspo.config import DEFAULT_REWARD_TIMEOUT_S, RewardSpec
+
+    assert RewardSpec(fn="format_soft").timeout_s == DEFAULT_REWARD_TIMEOUT_S > 0
+    assert build(spec("format_soft")).rewards[0].timeout_s == DEFAULT_REWARD_TIMEOUT_S
+    assert build(spec("format_soft", timeout_s=None)).rewards[0].timeout_s is None
+
+
+def test_huge_finite_rewards_fall_under_on_error_not_overflow(tmp_path):
+    """±1e308 is finite as a Python float but not as float32: it used to become ±inf after the check."""
+    (tmp_path / "big.py").write_text("def big(completions, **kw):\n    return [1.0, 1e308, -1e308]\n")
+    with pytest.raises(RewardError, match=r"'big'.*1e\+308.*sample 1"):
+        call(build(spec(f"{tmp_path}/big.py:big")))
+    out = call(build(spec(f"{tmp_path}/big.py:big", on_error="zero")))
+    assert out.rewards.tolist() == [1.0, 0.0, 0.0] and torch.isfinite(out.rewards).all()
+
+
+def test_a_reward_that_abstains_on_every_sample_is_warned_about(tmp_path, caplog):
+    (tmp_path / "none.py").write_text("def never(completions, **kw):\n    return [None] * len(completions)\n")
+    rs = build(spec(f"{tmp_path}/none.py:never"), spec("tag_count"))
+    with caplog.at_level("WARNING", logger="gspo"):
+        call(rs)
+    assert any("'never'" in r.getMessage() and "abstained on every sample" in r.getMessage()
+               for r in caplog.records)
