@@ -14,18 +14,23 @@ Config errors print `error: <message>` on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
 from gspo.config import Config, ConfigError, RewardSpec, load_config, public_fields, type_name
+from gspo.run_record import OutputDirError, claim_output_dir, note_written
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # a config / usage mistake, found before anything ran
+EXIT_FAILED = 1  # a run that started and failed (a reward error, a full disk, ...)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gspo", description="GSPO post-training for Mixture-of-Experts models.")
+    p.add_argument("--debug", action="store_true",
+                   help="print the full traceback of an error (user errors print one line without it)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides_help = "overrides `key.sub=value` (value parsed as YAML), applied after the file"
     v = sub.add_parser("validate", help="check a config without loading a model; print a summary")
@@ -57,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _preflight(cfg: Config) -> int:
+    """gspo.preflight's checks: notes on stdout, one `error:` line per problem; EXIT_USAGE if any."""
+    from gspo.preflight import preflight
+
+    problems, notes = preflight(cfg)
+    for note in notes:
+        print(f"note: {note}")
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    return EXIT_USAGE if problems else 0
 
 
 def summary(cfg: Config) -> str:
@@ -113,6 +130,9 @@ def _validate(args: argparse.Namespace) -> int:
     if is_pipeline_file(args.config):
         return _validate_pipeline(args)
     cfg = load_config(args.config, args.overrides)
+    problems = _preflight(cfg)
+    if problems:
+        return problems
     print(summary(cfg))
     if args.print_config:
         print("---")
@@ -132,13 +152,22 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.stage not in STAGES:
         return _fail(f"stage {cfg.stage!r} is not available yet (stages with a runner: "
                      f"{', '.join(STAGES.names()) or 'none'})")
+    problems = _preflight(cfg)  # the same checks as `gspo validate`, before any model loads
+    if problems:
+        return problems
     print(summary(cfg), flush=True)
+    # The folder becomes this run's (gspo_run.json) or the run is refused: nothing of an earlier run or of
+    # someone else is deleted or overwritten unasked.
+    claim_output_dir(cfg.output_dir, stage=cfg.stage, resume=cfg.resume_from is not None,
+                     overwrite=cfg.overwrite)
     # The resolved config next to the outputs: `gspo train OUTPUT_DIR/config.yaml`, run from the same
     # directory (relative paths resolve against it), repeats the run.
-    os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(cfg.to_yaml())
-    result = STAGES.get(cfg.stage)(cfg)
+    try:
+        result = STAGES.get(cfg.stage)(cfg)
+    finally:
+        note_written(cfg.output_dir)
     if result:
         print(f"done: {result}")
     return 0
@@ -254,6 +283,13 @@ def config_reference() -> str:
          "`lora.target_modules=[q_proj,v_proj]`, `model.tiny.num_experts=8`, `rewards.0.weight=0.5`). "
          "`gspo validate CONFIG` checks a config without loading a model."),
         "",
+        ("Relative paths: an input path (`data.path`, `model.name_or_path`, `rejection.mix_path`, "
+         "`resume_from`, a reward file, a reward's `kwargs.model_path`) is looked up next to the config file "
+         "first; when nothing is there but it exists relative to the current directory, that one is used and "
+         "the fallback is logged. `output_dir` is relative to the current directory. An output_dir holding "
+         "another run or files gspo did not write is refused unless `overwrite: true` (gspo_run.json in the "
+         "folder lists what gspo wrote; only that is ever deleted)."),
+        "",
         ("Unknown keys, wrong types and invalid choices are errors that name the key. `gspo validate` also "
          "checks the rules that span fields: `rollout.prompts_per_step * rollout.group_size` divisible by "
          "`algorithm.num_minibatches`; a sequence-level algorithm (gspo, gspo_token) with a clip ≥ 0.01 "
@@ -283,8 +319,24 @@ def config_reference() -> str:
     return "\n".join(out)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to the sys.stderr of the moment (a StreamHandler keeps the one it was created with)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    log = logging.getLogger("gspo")
+    if not log.handlers:  # the library's info lines (path fallbacks, resume points) on stderr
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[gspo] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    debug = "--debug" in argv  # anywhere on the line (`gspo train CFG --debug` as well as `gspo --debug ...`)
+    argv = [a for a in argv if a != "--debug"]
     # Overrides may come after options too (`gspo pipeline P.yaml --dry-run stages.rl.seed=1`).
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -304,8 +356,32 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         print(config_reference(), end="")
         return 0
-    except ConfigError as e:
+    except (ConfigError, OutputDirError) as e:
+        if debug:
+            raise
         return _fail(str(e))
+    except user_errors() as e:
+        # A failure the user can act on (a reward that failed, a full disk, a missing file): one line, the
+        # traceback only with --debug.
+        if debug:
+            raise
+        print(f"error: {describe_error(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from gspo.pipeline import PipelineError
+    from gspo.rewards import RewardError, RewardLoadError
+
+    return (OSError, RewardError, RewardLoadError, PipelineError)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line: an OSError as `<cause>: <path>` ("No space left on device: runs/x/metrics.jsonl")."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ stage, tiny-model family). Nothing here loads a model.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ from gspo.registry import closest
 KNOWN_STAGES = ("rl", "sft", "rejection_sampling", "reward_model")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# A reward call's time limit unless its spec says otherwise: generous for a reward model scoring a large
+# rollout on a GPU, yet a reward that never returns stops the run after minutes, not never.
+DEFAULT_REWARD_TIMEOUT_S = 300.0
 
 
 def doc(help: str, *, required: bool = False, ge: float | None = None, gt: float | None = None,
@@ -323,14 +327,15 @@ class RewardSpec:
 
     fn: str = field(default="", metadata=doc(
         "A registered reward name, `package.module:function` or `path/to/file.py:function` (relative to "
-        "the current directory, then to the config file).", required=True))
+        "the config file's folder, then to the current directory).", required=True))
     weight: float = field(default=1.0, metadata=doc("Weight in the summed reward."))
     on_error: Literal["error", "zero", "skip"] = field(default="error", metadata=doc(
         "When a call raises, times out or returns NaN / a wrong length: `error` stops the run, `zero` "
         "scores the affected samples 0, `skip` leaves them out of this reward (counted in "
         "`rewards/<name>/errors`)."))
-    timeout_s: float | None = field(default=None, metadata=doc(
-        "Per-call time limit in seconds; null = none.", gt=0))
+    timeout_s: float | None = field(default=DEFAULT_REWARD_TIMEOUT_S, metadata=doc(
+        "Per-call time limit in seconds: a call past it fails naming the reward, under `on_error`; null = "
+        "no limit (only when set so explicitly: a reward that never returns would hang the run).", gt=0))
     kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
         "Extra keyword arguments for the function."))
     name: str | None = field(default=None, metadata=doc(
@@ -366,6 +371,10 @@ class Config:
         "Checkpoints, metrics.jsonl, the resolved config."))
     resume_from: str | None = field(default=None, metadata=doc(
         "`latest` = the newest checkpoint in output_dir, or a checkpoint directory; null = start fresh."))
+    overwrite: bool = field(default=False, metadata=doc(
+        "Write into an output_dir that holds an earlier run (its outputs are deleted first, only what it "
+        "wrote, as listed in `gspo_run.json`) or files gspo did not write (they are kept). Without it such a "
+        "folder is refused."))
     plugins: list[str] = field(default_factory=list, metadata=doc(
         "Modules imported before validation, so their registrations (tasks, losses, rewards, engines, "
         "stages) are available by name."))
@@ -450,7 +459,42 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     cfg = Config.from_dict(data, overrides)
     if path is not None:
         cfg.source_path = str(path)
+        resolve_relative_paths(cfg)
     return cfg.validate() if validate else cfg
+
+
+def resolve_input_path(value: str, source_path: str | None, key: str) -> str:
+    """The one rule for a relative input path (data file, model folder, reward file, checkpoint): relative to
+    the config file's folder; when nothing is there but the path exists relative to the current directory,
+    that one is used and the fallback is logged. Absolute paths, `~` and names that exist nowhere (Hub ids,
+    missing files: the checks name them) are returned unchanged."""
+    if not source_path or os.path.isabs(value) or value.startswith("~"):
+        return value
+    by_config = os.path.join(os.path.dirname(os.path.abspath(source_path)), value)
+    if os.path.exists(by_config):
+        return os.path.normpath(by_config)
+    if os.path.exists(value):
+        logging.getLogger("gspo").info("%s: %r is not next to the config file (%s); using the current "
+                                       "directory's %s", key, value, os.path.dirname(by_config),
+                                       os.path.abspath(value))
+    return value
+
+
+def resolve_relative_paths(cfg: Config) -> Config:
+    """Apply `resolve_input_path` to every input path of a config read from `cfg.source_path` (in place)."""
+    src = cfg.source_path
+    if cfg.data.path is not None:
+        cfg.data.path = resolve_input_path(cfg.data.path, src, "data.path")
+    if cfg.rejection.mix_path is not None:
+        cfg.rejection.mix_path = resolve_input_path(cfg.rejection.mix_path, src, "rejection.mix_path")
+    if not cfg.model.name_or_path.startswith("tiny:"):
+        cfg.model.name_or_path = resolve_input_path(cfg.model.name_or_path, src, "model.name_or_path")
+    if cfg.resume_from not in (None, "latest"):
+        cfg.resume_from = resolve_input_path(cfg.resume_from, src, "resume_from")
+    for i, r in enumerate(cfg.rewards):
+        if isinstance(r.kwargs.get("model_path"), str):
+            r.kwargs["model_path"] = resolve_input_path(r.kwargs["model_path"], src, f"rewards.{i}.kwargs.model_path")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------

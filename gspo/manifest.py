@@ -19,7 +19,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 # Keys that do not change what a stage computes: left out of the config hash.
-VOLATILE_KEYS = (("resume_from",), ("logging", "progress"))
+VOLATILE_KEYS = (("resume_from",), ("overwrite",), ("logging", "progress"))
 
 
 def config_hash(cfg: Any) -> str:

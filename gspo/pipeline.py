@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gspo.config import Config, ConfigError, apply_overrides, check_config, read_yaml
+from gspo.config import Config, ConfigError, apply_overrides, check_config, read_yaml, resolve_relative_paths
 from gspo.manifest import (
     changed_keys,
     config_hash,
@@ -60,6 +59,14 @@ from gspo.manifest import (
     write_manifest,
 )
 from gspo.registry import closest
+from gspo.run_record import (
+    OutputDirError,
+    claim_output_dir,
+    dir_entries,
+    note_written,
+    read_record,
+    writable_problem,
+)
 
 # Stage types whose output is a policy the next stage can start from.
 POLICY_STAGES = ("sft", "rl")
@@ -68,7 +75,7 @@ MODEL_CONSUMERS = ("sft", "rl", "rejection_sampling")
 # Where a stage's output will be before it has run (dry runs, validation); after a run the manifest holds
 # the path the stage's runner returned, and that one is wired.
 EXPECTED_OUTPUT = {"sft": "final", "rl": "final", "reward_model": "final", "rejection_sampling": "data.jsonl"}
-ROOT_KEYS = ("name", "output_dir", "eval", "stages")
+ROOT_KEYS = ("name", "output_dir", "overwrite", "eval", "stages")
 ROOT_EVAL_KEYS = ("config", "overrides")
 STAGE_KEYS = ("name", "config", "overrides", "input", "eval")
 INPUT_KEYS = ("model", "data", "reward_model")
@@ -98,6 +105,7 @@ class Pipeline:
     source_path: str | None = None
     eval_config: str | None = None  # absolute path; None = each stage's own config
     eval_overrides: list[str] = field(default_factory=list)
+    overwrite: bool = False  # write into folders holding files gspo did not write (they are kept)
 
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.output_dir, stage)
@@ -174,10 +182,10 @@ def split_overrides(overrides: list[str] | tuple[str, ...], stage_names: list[st
             if parts[1] not in stage_names:
                 raise ConfigError(f"override {item!r}: {_unknown('stage', parts[1], stage_names)}", key)
             per_stage.setdefault(parts[1], []).append(".".join(parts[2:]) + "=" + value)
-        elif parts[0] in ("name", "output_dir") and len(parts) == 1:
+        elif parts[0] in ("name", "output_dir", "overwrite") and len(parts) == 1:
             root.append(item)
         else:
-            raise ConfigError(f"override {item!r}: a pipeline takes `output_dir=`, `name=` or "
+            raise ConfigError(f"override {item!r}: a pipeline takes `output_dir=`, `name=`, `overwrite=` or "
                               f"`stages.<stage>.<key>=value` (stages: {', '.join(stage_names)})", key)
     return root, per_stage
 
@@ -232,8 +240,11 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"{path}: output_dir is required (each stage writes <output_dir>/<stage name>)",
                           "output_dir")
+    overwrite = data.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"{path}: overwrite must be true or false, got {overwrite!r}", "overwrite")
     return Pipeline(name=str(name), output_dir=output_dir, stages=stages, source_path=str(path),
-                    eval_config=eval_config, eval_overrides=eval_overrides)
+                    eval_config=eval_config, eval_overrides=eval_overrides, overwrite=overwrite)
 
 
 def _parse_root_eval(raw: Any, base: str, path: str) -> tuple[str | None, list[str]]:
@@ -330,7 +341,13 @@ def _build(raw: dict[str, Any], overrides: list[str], source: str, pending: list
         keys += e.keys
         return None
     cfg.source_path = source
-    for e in check_config(cfg):
+    resolve_relative_paths(cfg)
+    errors = check_config(cfg)
+    if not errors:  # the file checks of `gspo validate` (the pipeline manages the stage folders itself)
+        from gspo.preflight import preflight
+
+        errors = preflight(cfg, output_dir=False, skip=tuple(pending))[0]
+    for e in errors:
         if e.key not in pending:  # "does not exist (yet)": an earlier stage of this run writes it
             problems.append(f"{where} ({source}): {e}")
             keys += e.keys
@@ -516,6 +533,7 @@ def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) ->
         raise PipelineError(f"no runner registered for stage type(s) {', '.join(missing)} (stages with a "
                             f"runner: {', '.join(STAGES.names())})")
     if procs.main:
+        check_pipeline_dirs(pipe, [st.config.output_dir for st in resolved])
         _log(describe(pipe, resolved))
     manifest = {"name": pipe.name, "pipeline_file": os.path.abspath(pipe.source_path or ""),
                 "output_dir": os.path.abspath(pipe.output_dir),
@@ -540,6 +558,7 @@ def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) ->
         upstream_ran = True
     if report and procs.main:
         print(write_report(pipe.output_dir), flush=True)
+        _log(f"report: {os.path.join(pipe.output_dir, 'report.md')}")
     procs.barrier()
     return manifest
 
@@ -554,10 +573,14 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
     if procs.main:
         if resume:
             _log(f"stage {st.spec.name}: interrupted; resuming from {cfg.output_dir}/checkpoints/latest")
-        elif os.path.exists(cfg.output_dir):
+        elif dir_entries(cfg.output_dir):
             _log(f"stage {st.spec.name}: {entry.get('status', 'stale')} before; starting it again from "
-                 "scratch")
-            shutil.rmtree(cfg.output_dir)
+                 "scratch (deleting only what it wrote)")
+        owner = os.path.abspath(pipe.output_dir)
+        record = read_record(cfg.output_dir)
+        ours = record is not None and record.get("owner") == owner
+        claim_output_dir(cfg.output_dir, stage=st.type, resume=resume, overwrite=ours or pipe.overwrite,
+                         owner=owner)
         # Every later stage depends on this one: none of them counts as done any more (also if this run is
         # killed before reaching them).
         later = manifest["stages"][manifest["stages"].index(entry) + 1:]
@@ -572,7 +595,6 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
                       "started_at": now_utc(), "ended_at": None, "wall_s": None, **env, "metrics": {}})
         write_manifest(pipe.output_dir, manifest)
         _log(f"stage {st.spec.name} [{st.type}] -> {cfg.output_dir}")
-        os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(cfg.to_yaml())  # `gspo train <stage dir>/config.yaml` repeats this stage alone
     procs.barrier()
@@ -580,14 +602,40 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
     try:
         output = STAGES.get(st.type)(cfg)
     except BaseException as e:
+        if procs.main:
+            note_written(cfg.output_dir)
         _record_failure(pipe, entry, manifest, e, start, procs)
         raise
     procs.barrier()
     if procs.main:
+        note_written(cfg.output_dir)
         # Recorded before the evaluation: a failed evaluation never costs the trained stage.
         entry.update({"status": "trained", "output": os.path.abspath(output) if output else None,
                       "wall_s": round(time.time() - start, 3)})
         write_manifest(pipe.output_dir, manifest)
+
+
+def check_pipeline_dirs(pipe: Pipeline, stage_dirs: list[str]) -> None:
+    """Refuse (OutputDirError, nothing written) a pipeline folder or stage folder holding files this pipeline
+    did not write, unless pipe.overwrite; the folders of stages this pipeline ran before are its own."""
+    root, owner = pipe.output_dir, os.path.abspath(pipe.output_dir)
+    problem = writable_problem(root)
+    if problem:
+        raise OutputDirError(problem)
+    if not os.path.isfile(os.path.join(root, "manifest.json")) and dir_entries(root) and not pipe.overwrite:
+        raise OutputDirError(
+            f"output_dir {root!r} is not empty and gspo did not write it (no manifest.json; "
+            f"{', '.join(dir_entries(root)[:5])}); "
+            "choose a new output_dir, or pass overwrite=true to run the pipeline in it anyway (files gspo did "
+            "not write are kept)")
+    for d in stage_dirs:
+        record = read_record(d)
+        if dir_entries(d) and not pipe.overwrite and (record is None or record.get("owner") != owner):
+            what = "another run's" if record is not None else "not written by gspo"
+            raise OutputDirError(
+                f"stage folder {d!r} holds files this pipeline did not write ({what}: "
+                f"{', '.join(dir_entries(d)[:5])}); choose a new output_dir, or pass overwrite=true (files gspo "
+                "did not write are kept)")
 
 
 def _record_failure(pipe: Pipeline, entry: dict[str, Any], manifest: dict[str, Any], e: BaseException,
