@@ -85,12 +85,17 @@ def test_launcher_runs_the_pipeline_with_overrides(variant, gpus):
 
 
 def test_launcher_runs_one_stage_and_rejects_unknown_ones():
+    # A stage's dry run before the stage that writes its model: the missing folder is named, exit 2.
     r = _launch("lora", "reasoning_rl", "optim.lr=2e-5", num_gpus=8)
+    assert r.returncode == 2 and "model.name_or_path: model folder 'runs/qwen3_moe/lora/cold_start/final' " \
+        "does not exist" in r.stderr, r.stderr
+    hub = "model.name_or_path=Qwen/Qwen3-30B-A3B"  # a Hub id: said so, not checked further
+    r = _launch("lora", "reasoning_rl", "optim.lr=2e-5", hub, num_gpus=8)
     assert r.returncode == 0, r.stderr
     assert f"8gpu.json -m gspo train {QWEN}/lora/reasoning_rl.yaml optim.lr=2e-5" in r.stderr
-    assert "lr 2e-05" in r.stdout
-    r = _launch("full", "rejection_sampling")  # sampling only: one process even with NUM_GPUS=8
-    assert "1gpu.json -m gspo train" in r.stderr and r.returncode == 0
+    assert "lr 2e-05" in r.stdout and "treated as a Hugging Face Hub id" in r.stdout
+    r = _launch("full", "rejection_sampling", hub)  # sampling only: one process even with NUM_GPUS=8
+    assert "1gpu.json -m gspo train" in r.stderr and r.returncode == 0, r.stderr
     r = _launch("full", "reasoning")
     assert r.returncode == 2 and "unknown stage 'reasoning'" in r.stderr and "reasoning_rl" in r.stderr
     assert _launch("full", num_gpus=4).returncode == 2
