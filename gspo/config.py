@@ -190,6 +190,13 @@ class TrainConfig:
     save_every: int = field(default=0, metadata=doc(
         "Checkpoint every this many rollouts; 0 = only at the end.", ge=0))
     keep_checkpoints: int = field(default=2, metadata=doc("Newest checkpoints kept on disk.", ge=1))
+    eval_every: int = field(default=0, metadata=doc(
+        "Evaluate the policy every this many rollouts during RL, with the rollout engine (pass@k and mean "
+        "rewards, logged as `eval/*` in metrics.jsonl, plotted in the pipeline report); 0 = off.", ge=0))
+    eval_config: str | None = field(default=None, metadata=doc(
+        "Config file whose `data`, `rewards`, `eval` and `rollout` sampling settings that evaluation uses "
+        "(e.g. recipes/tiny/eval.yaml; relative to this config's folder); null = this config's own (`eval.seed` "
+        "makes a synthetic task draw other prompts than training)."))
 
 
 @dataclass
@@ -491,6 +498,8 @@ def resolve_relative_paths(cfg: Config) -> Config:
         cfg.model.name_or_path = resolve_input_path(cfg.model.name_or_path, src, "model.name_or_path")
     if cfg.resume_from not in (None, "latest"):
         cfg.resume_from = resolve_input_path(cfg.resume_from, src, "resume_from")
+    if cfg.train.eval_config is not None:
+        cfg.train.eval_config = resolve_input_path(cfg.train.eval_config, src, "train.eval_config")
     for i, r in enumerate(cfg.rewards):
         if isinstance(r.kwargs.get("model_path"), str):
             r.kwargs["model_path"] = resolve_input_path(r.kwargs["model_path"], src, f"rewards.{i}.kwargs.model_path")
@@ -549,6 +558,12 @@ def check_config(cfg: Config) -> list[ConfigError]:
         err("data.path", f"local file {d.path!r} does not exist (cwd: {os.getcwd()})")
     if cfg.resume_from not in (None, "latest") and not os.path.isdir(cfg.resume_from):
         err("resume_from", f"checkpoint directory {cfg.resume_from!r} does not exist (or use `latest`)")
+    t = cfg.train
+    if t.eval_config is not None and not os.path.isfile(os.path.expanduser(t.eval_config)):
+        err("train.eval_config", f"file {t.eval_config!r} does not exist (cwd: {os.getcwd()})")
+    if t.eval_every and t.eval_config is None and not cfg.rewards:
+        err("train.eval_every", "the evaluation scores with rewards and this config has none; set "
+            "train.eval_config to an eval config (e.g. recipes/tiny/eval.yaml)")
     if cfg.stage in ("rl", "rejection_sampling") and not cfg.rewards:
         err("rewards", f"stage `{cfg.stage}` needs at least one reward function, e.g. "
             "`rewards: [synthetic_accuracy]`")

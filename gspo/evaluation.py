@@ -98,9 +98,11 @@ def load_model_ref(cfg: Any, model_path: str | None = None) -> tuple[str, Any]:
     return path, tokenizer
 
 
-def sample_and_score(cfg: Any, rows: list[dict[str, Any]], *, model_path: str, tokenizer: Any, n: int,
-                     seed: int) -> Scored:
-    """Sample n completions per row with the rollout engine and score them with cfg.rewards."""
+def sample_and_score(cfg: Any, rows: list[dict[str, Any]], *, model_path: str | None, tokenizer: Any, n: int,
+                     seed: int, engine: Any = None, rewards: Any = None) -> Scored:
+    """Sample n completions per row with the rollout engine and score them with cfg.rewards. `engine`: one
+    already serving the policy (the RL trainer's, for `train.eval_every`), used and left open; `rewards`: a
+    RewardSet already loaded for these rows."""
     import torch
 
     from gspo.rewards import RewardSet
@@ -108,9 +110,12 @@ def sample_and_score(cfg: Any, rows: list[dict[str, Any]], *, model_path: str, t
 
     columns = sorted({c for row in rows for c in row if c != "prompt"})
     base_dir = os.path.dirname(os.path.abspath(cfg.source_path)) if cfg.source_path else None
-    rewards = RewardSet.from_specs(cfg.rewards, columns=columns, base_dir=base_dir)
+    if rewards is None:
+        rewards = RewardSet.from_specs(cfg.rewards, columns=columns, base_dir=base_dir)
     ids = [prompt_ids(tokenizer, row["prompt"]) for row in rows]
-    engine = open_engine(cfg, model_path, tokenizer, max(len(p) for p in ids))
+    own_engine = engine is None
+    if own_engine:
+        engine = open_engine(cfg, model_path, tokenizer, max(len(p) for p in ids))
     r, step = cfg.rollout, cfg.rollout.prompts_per_step
     completions: list[str] = []
     reasons: list[str] = []
@@ -136,7 +141,8 @@ def sample_and_score(cfg: Any, rows: list[dict[str, Any]], *, model_path: str, t
             for name, values in result.per_function.items():
                 per_fn.setdefault(name, []).append(values)
     finally:
-        engine.close()
+        if own_engine:
+            engine.close()
     total = torch.cat(totals)
     per_function = {name: torch.cat(v).tolist() for name, v in per_fn.items()}
     metrics = {f"rewards/{name}/mean": _nanmean(v) for name, v in per_function.items()}
@@ -164,11 +170,27 @@ def run_eval(cfg: Any, *, model_path: str | None = None, output_dir: str | None 
     e = cfg.eval
     start = time.perf_counter()
     out_dir = output_dir or cfg.output_dir
-    rows = build_dataset(cfg.data, seed=e.seed).rows
-    rows = rows[: e.num_prompts] if e.num_prompts else rows
+    rows = eval_rows(cfg)
     path, tokenizer = load_model_ref(cfg, model_path)
     scored = sample_and_score(cfg, rows, model_path=path, tokenizer=tokenizer, n=e.num_samples, seed=e.seed)
+    result: dict[str, Any] = {"model": path, **summarize(cfg, scored)}
+    result["time_s"] = time.perf_counter() - start
+    result["per_prompt"] = result.pop("per_prompt")  # last in eval.json, as before
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
 
+
+def eval_rows(cfg: Any) -> list[dict[str, Any]]:
+    """The prompts an evaluation uses: cfg.data drawn with eval.seed, the first eval.num_prompts."""
+    rows = build_dataset(cfg.data, seed=cfg.eval.seed).rows
+    return rows[: cfg.eval.num_prompts] if cfg.eval.num_prompts else rows
+
+
+def summarize(cfg: Any, scored: Scored) -> dict[str, Any]:
+    """pass@k per k in eval.k, mean rewards, lengths, truncation rate and per-prompt pass counts."""
+    e, rows = cfg.eval, scored.rows
     pass_name = e.pass_reward or next(iter(scored.per_function))
     if pass_name not in scored.per_function:
         raise ValueError(f"eval.pass_reward={pass_name!r} is not a configured reward; configured: "
@@ -178,7 +200,6 @@ def run_eval(cfg: Any, *, model_path: str | None = None, output_dir: str | None 
     # NaN (abstained / skipped) never passes: >= is False for NaN.
     passes = [sum(v >= e.pass_threshold for v in values[b * n:(b + 1) * n]) for b in range(len(rows))]
     result: dict[str, Any] = {
-        "model": path,
         "num_prompts": len(rows),
         "num_samples": n,
         "pass_reward": pass_name,
@@ -191,9 +212,5 @@ def run_eval(cfg: Any, *, model_path: str | None = None, output_dir: str | None 
     result.update(scored.metrics)
     result["completions/mean_length"] = sum(scored.num_tokens) / len(scored.num_tokens)
     result["truncated_rate"] = scored.finish_reasons.count("length") / len(scored.finish_reasons)
-    result["time_s"] = time.perf_counter() - start
     result["per_prompt"] = [{"prompt": row["prompt"], "passed": c} for row, c in zip(rows, passes)]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
     return result

@@ -38,6 +38,7 @@ PLOTS = {
     "clip_fraction.png": ("clipped fraction (sequence ratio)", ("clip_frac/low", "clip_frac/high")),
     "expert_load.png": ("expert load", "moe/"),
     "sft_loss.png": ("SFT loss", ("loss",)),
+    "eval.png": ("held-out evaluation during RL (train.eval_every)", "eval/"),
 }
 # Top-level expert-load metrics plotted (per-layer `moe/layer<i>/...` keys stay in metrics.jsonl).
 MOE_KEYS = ("moe/load_max_over_mean", "moe/load_cv", "moe/dead_experts", "moe/routing_entropy",
@@ -188,6 +189,9 @@ def _plot_keys(spec: Any, rows: list[dict[str, Any]], stage_type: str, plot: str
         return ["loss"] if stage_type == "sft" else []
     if stage_type == "sft":
         return []  # SFT rows have a loss and token accuracy only; the RL plots would mislabel them
+    if spec == "eval/":
+        present = sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/reward/mean"))})
+        return present
     if spec == "moe/":
         present = {k for r in rows for k in r}
         return [k for k in MOE_KEYS if k in present]

@@ -151,3 +151,34 @@ def test_engine_logprobs_as_old_logp_skip_the_trainer_pass(warm_model, tmp_path)
 def test_kl_term_with_a_frozen_reference_model(warm_model, tmp_path):
     rows = _short_run(tmp_path, warm_model, "algorithm.beta=0.05")
     assert rows[0]["kl"] < 1e-9 < max(r["kl"] for r in rows)  # π_θ = reference until the first update
+
+
+def test_periodic_evaluation_logs_eval_metrics_equal_to_gspo_eval(warm_model, tmp_path):
+    """train.eval_every=2: rollouts 2 and 4 carry eval/* (pass@k, mean rewards) from the trainer's engine, and
+    they are the numbers `gspo eval` (run_eval) gives for the checkpoint saved at that rollout; the report
+    plots them."""
+    from gspo.config import load_config
+    from gspo.evaluation import run_eval
+    from gspo.report import make_plots
+    from gspo.training.trainer import GSPOTrainer
+
+    out = tmp_path / "rl"
+    ev = ["eval.num_prompts=4", "eval.num_samples=2", "eval.k=[1,2]", "eval.pass_reward=synthetic_accuracy"]
+    cfg = tiny_config("reasoning_rl.yaml", out, f"model.name_or_path={warm_model}", "rollout.engine=hf_generate",
+                      "rollout.prompts_per_step=4", "train.num_rollouts=4", "train.save_every=2",
+                      "train.eval_every=2", *ev)
+    GSPOTrainer(cfg).train()
+    rows = _metrics(out)
+    with_eval = sorted({r["rollout"] for r in rows if "eval/pass@1" in r})
+    assert with_eval == [2, 4]
+    last = [r for r in rows if r["rollout"] == 4 and "eval/pass@1" in r][-1]
+    assert {"eval/pass@2", "eval/reward/mean", "eval/rewards/synthetic_accuracy/mean",
+            "eval/completions/mean_length", "timing/eval"} <= set(last)
+    # The same evaluation from the saved checkpoint, as `gspo eval` runs it.
+    ev_cfg = load_config(os.path.join(TINY, "reasoning_rl.yaml"),
+                         [f"output_dir={tmp_path / 'ev'}", "rollout.engine=hf_generate", "rollout.prompts_per_step=4",
+                          *ev])
+    ref = run_eval(ev_cfg, model_path=str(out / "checkpoints" / "rollout-000004" / "model"))
+    for key in ("pass@1", "pass@2", "reward/mean"):
+        assert math.isclose(last[f"eval/{key}"], ref[key], abs_tol=1e-6), (key, last[f"eval/{key}"], ref[key])
+    assert "eval.png" in make_plots(str(tmp_path), {"stages": [{"name": "rl", "type": "rl"}]})

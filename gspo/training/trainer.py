@@ -126,6 +126,7 @@ class GSPOTrainer:
         # Dataset columns other than the prompt reach reward functions as keywords (TRL's contract).
         self.columns = [c for c in self.dataset.columns if c != "prompt"]
         self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.columns, base_dir=base_dir)
+        self._init_eval()
 
         # Router controls (freeze / fp32) change which parameters train: before the optimizer exists.
         self.moe = MoEMonitor(self.model, cfg.moe)
@@ -161,7 +162,41 @@ class GSPOTrainer:
         # Every prompt is scanned once (a sample could miss the longest one, which vLLM would then reject
         # mid-run); set rollout.max_model_len to skip the scan on large datasets.
         longest = max(len(self._prompt_ids(r)) for r in self.dataset.rows)
-        return longest + self.cfg.rollout.max_new_tokens + 8
+        need = longest + self.cfg.rollout.max_new_tokens
+        if self.eval_cfg is not None:  # the periodic evaluation samples on the same engine
+            need = max(need, max(len(self._prompt_ids(r)) for r in self.eval_rows)
+                       + self.eval_cfg.rollout.max_new_tokens)
+        return need + 8
+
+    # --- periodic evaluation (train.eval_every) ---------------------------------------------------------
+
+    def _init_eval(self) -> None:
+        """The eval config (train.eval_config, else this run's own), its prompts and its rewards, loaded once."""
+        self.eval_cfg = None
+        t = self.cfg.train
+        if not t.eval_every:
+            return
+        from gspo.config import load_config
+        from gspo.evaluation import eval_rows
+
+        ev = load_config(t.eval_config) if t.eval_config else self.cfg
+        self.eval_cfg, self.eval_rows = ev, eval_rows(ev)
+        columns = sorted({c for r in self.eval_rows for c in r if c != "prompt"})
+        base = os.path.dirname(os.path.abspath(ev.source_path)) if ev.source_path else None
+        self.eval_rewards = RewardSet.from_specs(ev.rewards, columns=columns, base_dir=base)
+
+    def evaluate(self) -> dict[str, float]:
+        """pass@k and mean rewards of the current policy (the engine holds its weights after the sync),
+        as `eval/<key>`; the same numbers as `gspo eval` (gspo.evaluation.summarize)."""
+        from gspo.evaluation import sample_and_score, summarize
+
+        ev = self.eval_cfg
+        scored = sample_and_score(ev, self.eval_rows, model_path=None, tokenizer=self.tokenizer,
+                                  n=ev.eval.num_samples, seed=ev.eval.seed, engine=self.engine,
+                                  rewards=self.eval_rewards)
+        settings = ("num_prompts", "num_samples", "pass_threshold")
+        return {f"eval/{k}": float(v) for k, v in summarize(ev, scored).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in settings}
 
     # --- hop helpers ------------------------------------------------------------------------------------
 
@@ -243,6 +278,9 @@ class GSPOTrainer:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         rollout_metrics = self._rollout_metrics(data, result.metrics)
+        if self.eval_cfg is not None and self.rollout_idx % self.cfg.train.eval_every == 0:
+            with timer("eval"):  # after the weight sync: the engine samples the updated policy
+                rollout_metrics.update(self.evaluate())
         with timer("moe_metrics"):
             rollout_metrics.update(self.moe.rollout_metrics(self.rollout_idx))
         rollout_metrics.update(timer.metrics())
