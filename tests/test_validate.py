@@ -130,3 +130,38 @@ def test_readme_use_examples_run_as_written_after_the_demo(capsys, monkeypatch):
         assert model.startswith("tiny:") or os.path.normpath(model) in exists, (words, model)
         if command == "train":
             exists.add(os.path.normpath(os.path.join(cfg.output_dir, "final")))
+
+
+def test_relative_paths_resolve_next_to_the_config_then_the_cwd_logged(tmp_path, monkeypatch, caplog):
+    """One rule for data files, model folders and reward files: the config's folder first, then the cwd."""
+    from gspo.config import load_config
+
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    write_config(recipe, rows=GOOD_ROWS)
+    cfg = yaml.safe_load((recipe / "cfg.yaml").read_text())
+    cfg["data"]["path"] = "data.jsonl"  # next to the config, not in the cwd
+    cfg["rewards"] = ["my_reward.py:needs_solution"]
+    (recipe / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.jsonl").write_text('{"prompt": "wrong file", "solution": "0"}\n')
+    monkeypatch.chdir(elsewhere)
+    loaded = load_config(str(recipe / "cfg.yaml"))
+    assert loaded.data.path == str(recipe / "data.jsonl")  # the config's folder wins over the cwd
+    # Only in the cwd: used, and the fallback is logged.
+    os.remove(recipe / "data.jsonl")
+    with caplog.at_level("INFO", logger="gspo"):
+        loaded = load_config(str(recipe / "cfg.yaml"))
+    assert loaded.data.path == "data.jsonl"
+    assert any("data.path" in r.getMessage() and "current directory" in r.getMessage() for r in caplog.records)
+
+
+def test_pipeline_validation_runs_the_same_file_checks_per_stage(tmp_path, capsys):
+    path = write_config(tmp_path, raw='{"prompt": "a", "solution": "1"}\n{"prompt": \n')
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(yaml.safe_dump({"name": "p", "output_dir": str(tmp_path / "runs"),
+                                    "stages": [{"name": "rl", "config": path}]}))
+    code, out, err = validate(capsys, str(pipe))
+    assert code == 2 and "pipeline OK" not in out
+    assert "stage 'rl'" in err and "data.jsonl:2: not valid JSON" in err
