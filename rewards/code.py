@@ -9,6 +9,7 @@ Every case runs in its own sandboxed process (see `gspo_rewards.sandbox`), a bou
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,14 @@ def check_isolation(allow_unisolated: bool = False) -> bool:
     reason = _probe["reason"]
     if reason is None:
         return True
+    if allow_unisolated:
+        if "warned" not in _probe:
+            _probe["warned"] = "yes"
+            logging.getLogger("gspo").warning(
+                "code_execution: running programs WITHOUT isolation (kwargs allow_unisolated: true; %s): they "
+                "can read your files and use the network; only rlimits, an empty environment and a temporary "
+                "directory apply", reason)
+        return False
     if not allow_unisolated:
         raise SandboxUnavailable(
             f"code_execution refuses to run: the sandbox cannot isolate programs ({reason}). It needs root "

@@ -14,7 +14,9 @@ uid. Isolation, when `isolate` is on (the default; every step must succeed or no
 - rlimits: CPU seconds, address space, file size, process count, open files, no core dumps,
 - an empty environment, stdin from a file, stdout/stderr to files the launcher reads back (bounded by the
   file-size limit), a wall-clock deadline after which the namespace's PID 1 is SIGKILLed; if the launcher
-  itself dies the program gets SIGKILL (PDEATHSIG).
+  itself dies the program gets SIGKILL (PDEATHSIG),
+- a seccomp filter (libseccomp): no user namespaces (unshare/clone with CLONE_NEWUSER fail with EPERM),
+- the program runs at nice +10, so a CPU-saturating program cannot starve the launcher enforcing the deadline.
 Not protected: world-readable files outside the hidden paths (system files, other users' readable data),
 CPU/memory bandwidth contention with the trainer, kernel exploits. See docs/rewards.md.
 """
@@ -32,7 +34,14 @@ from dataclasses import dataclass
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 8192, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+CLONE_NEWUSER = 0x10000000
+# libseccomp's constants (seccomp.h): default action, errno action, the masked-equal comparison.
+SCMP_ACT_ALLOW, SCMP_ACT_ERRNO, SCMP_CMP_MASKED_EQ = 0x7FFF0000, 0x00050000, 7
+EPERM, ENOSYS = 1, 38
+# The program runs this much nicer than the launcher, so a program that saturates the CPU (a fork bomb up to
+# the process limit) cannot starve the launcher that enforces its wall deadline.
+PROGRAM_NICE = 10
 ISOLATION_FAILED = "isolation_failed"
 UID_BASE = 200_000  # uids without a passwd entry: nothing on the host belongs to them
 
@@ -179,6 +188,82 @@ def _libc():
     return mount, unshare, prctl
 
 
+def _deny_user_namespaces() -> None:
+    """A seccomp filter that makes unshare/clone with CLONE_NEWUSER fail with EPERM and clone3 with ENOSYS
+    (its flags sit in a struct a filter cannot read; glibc then falls back to clone, which is checked).
+    A user namespace would hand the program a full capability set over fresh namespaces: kernel attack
+    surface the sandbox does not need. Built by libseccomp (the C library, present wherever systemd is)
+    through ctypes: this launcher runs with -I -S, without site-packages, so no Python binding is importable."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        raise OSError(f"libseccomp not found ({e}); install libseccomp2") from None
+
+    class ArgCmp(ctypes.Structure):  # struct scmp_arg_cmp
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                    ("datum_b", ctypes.c_uint64)]
+
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(ArgCmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        raise OSError("seccomp_init failed")
+    try:
+        newuser = (ArgCmp * 1)(ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
+        rules = [("unshare", SCMP_ACT_ERRNO | EPERM, newuser), ("clone", SCMP_ACT_ERRNO | EPERM, newuser),
+                 ("clone3", SCMP_ACT_ERRNO | ENOSYS, None)]
+        for syscall, action, cmp in rules:
+            nr = lib.seccomp_syscall_resolve_name(syscall.encode())
+            if nr < 0:
+                continue  # not a syscall of this architecture (clone3 on old kernels' headers)
+            ret = lib.seccomp_rule_add_array(ctypes.c_void_p(ctx), action, nr, 1 if cmp else 0, cmp)
+            if ret < 0:
+                raise OSError(f"seccomp rule for {syscall}: {os.strerror(-ret)}")
+        ret = lib.seccomp_load(ctypes.c_void_p(ctx))
+        if ret < 0:
+            raise OSError(f"seccomp_load: {os.strerror(-ret)}")
+    finally:
+        lib.seccomp_release(ctypes.c_void_p(ctx))
+
+
+def _reap_descendants(signal_mod) -> None:
+    """Kill and reap every process left under this launcher (a child subreaper: orphans of the program,
+    also those that left its session with setsid, are reparented here), until none is left."""
+    me = str(os.getpid())
+    while True:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        stat = f.read().decode(errors="replace")
+                except OSError:
+                    continue
+                if stat[stat.rfind(")") + 2:].split()[1] == me:  # field 4, ppid, after "pid (comm) state"
+                    found.append(int(entry))
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal_mod.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in found:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
 def _build_namespace(job: dict, mount, unshare) -> str:
     """New namespaces and mounts; returns the work directory (inside the fresh /tmp)."""
     lim = job["limits"]
@@ -248,7 +333,13 @@ def _exec_program(job: dict, work: str, io_fds: tuple[int, int, int], mount, prc
         os.setuid(uid)
         if os.getuid() != uid or os.geteuid() != uid:
             raise OSError("could not drop privileges")
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot escalate; lets an unprivileged process load seccomp
+    try:
+        _deny_user_namespaces()
+    except OSError:
+        if isolate:
+            raise  # fail closed; the unisolated opt-out runs without the filter where libseccomp is missing
+    os.nice(PROGRAM_NICE)
     prctl(PR_SET_PDEATHSIG, 9)  # after setuid: a credential change clears it
     os.execve(job["python"], [job["python"], "-I", "main.py"], {})
 
@@ -281,6 +372,10 @@ def _launch(job: dict) -> dict:
     # A failure before the exec is reported through a close-on-exec pipe, which the program can never
     # write to: it cannot fake "isolation failed" (and so fail the whole batch) by printing that and exiting.
     report_r, report_w = os.pipe()  # O_CLOEXEC
+    if not isolate:  # orphans of the program come back here, to be killed with it (no PID namespace to do it)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # The wall deadline counts from the fork: the program's set-up time is part of its budget.
+    deadline = time.monotonic() + lim["wall_s"]
     pid = os.fork()
     if pid == 0:
         os.close(report_r)
@@ -292,14 +387,13 @@ def _launch(job: dict) -> dict:
     os.close(report_w)
     import select
 
-    ready, _, _ = select.select([report_r], [], [], lim["wall_s"])
+    ready, _, _ = select.select([report_r], [], [], max(0.0, deadline - time.monotonic()))
     setup_error = os.read(report_r, 4096).decode(errors="replace") if ready else ""  # "" = EOF: exec happened
     os.close(report_r)
     if setup_error:
         os.waitpid(pid, 0)
         return {"status": ISOLATION_FAILED, "returncode": None, "stdout": "", "stderr": "",
                 "detail": f"{ISOLATION_FAILED}: {setup_error}"}
-    deadline = time.monotonic() + lim["wall_s"]
     status, timed_out = None, False
     while status is None:
         done, st = os.waitpid(pid, os.WNOHANG)
@@ -314,7 +408,8 @@ def _launch(job: dict) -> dict:
             status, timed_out = os.waitpid(pid, 0)[1], True
         else:
             time.sleep(0.005)
-
+    if not isolate:
+        _reap_descendants(signal)  # what it started and left running, in its session or out of it
     def read(path: str) -> str:
         with open(path, "rb") as f:
             return f.read(lim["max_output"]).decode(errors="replace")

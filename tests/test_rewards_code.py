@@ -227,3 +227,76 @@ def test_a_program_cannot_fake_an_isolation_failure():
     src = "import sys\nsys.stderr.write('isolation_failed: fake\\n')\nsys.exit(97)"
     result = run_program(src, limits=Limits(**LIMITS))
     assert result.status == "ok" and result.returncode == 97
+
+
+# ------------------------------------------------------------------------------- the issue's sandbox cases
+
+USERNS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+ret = libc.unshare(0x10000000)  # CLONE_NEWUSER
+print("created" if ret == 0 else os.strerror(ctypes.get_errno()))
+"""
+
+
+@needs_root
+def test_sandboxed_code_cannot_create_a_user_namespace():
+    result = run_program(textwrap.dedent(USERNS), limits=Limits(cpu_s=2, wall_s=10))
+    assert result.status == "ok", result
+    assert result.stdout.strip() == "Operation not permitted", result.stdout + result.stderr
+
+
+LEAVES_A_CHILD = """
+import os, time
+if os.fork() == 0:
+    os.setsid()  # leaves the program's session and process group
+    open("/tmp/gspo_leftover_{tag}", "w").write(str(os.getpid()))
+    time.sleep(120)
+print(1)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_unisolated_mode_warns_and_leaves_no_process_behind(monkeypatch, caplog):
+    import time
+
+    tag = f"{os.getpid()}_{time.monotonic_ns()}"
+    marker = f"/tmp/gspo_leftover_{tag}"
+    monkeypatch.setitem(code_reward._probe, "reason", "not root: cannot create namespaces")
+    monkeypatch.delitem(code_reward._probe, "warned", raising=False)
+    with caplog.at_level("WARNING", logger="gspo"):
+        code_reward.check_isolation(allow_unisolated=True)
+    assert any("WITHOUT isolation" in r.getMessage() for r in caplog.records)
+    result = run_program(LEAVES_A_CHILD.format(tag=tag), limits=Limits(cpu_s=2, wall_s=10), isolate=False)
+    assert result.status == "ok" and result.stdout.strip() == "1", result
+    deadline = time.monotonic() + 5
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(open(marker).read())  # noqa: SIM115
+    os.remove(marker)
+    try:
+        assert not _alive(pid), f"the program's setsid child {pid} still runs"
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
+@needs_root
+def test_wall_deadline_holds_under_a_fork_bomb():
+    """A fork bomb (up to the process limit) with a CPU limit above the wall limit: stopped at the wall
+    deadline plus the kernel's teardown, not a multiple of it (the issue measured 11.8 s for 5 s)."""
+    import time
+
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    start = time.monotonic()
+    result = run_program(bomb, limits=Limits(cpu_s=30, wall_s=3.0))
+    elapsed = time.monotonic() - start
+    assert result.status == "timeout" and elapsed < 3.0 * 1.5, elapsed
+    assert sandbox_processes() == []
