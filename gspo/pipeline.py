@@ -677,6 +677,8 @@ def validate_pipeline(path: str, overrides: list[str] | tuple[str, ...] = ()
     load_builtins()
     pipe = load_pipeline(path, overrides)
     done = {e["name"]: e["output"] for e in read_manifest(pipe.output_dir).get("stages", []) if _done(e)}
-    return pipe, resolve_stages(pipe, done)
+    stages = resolve_stages(pipe, done)
+    check_pipeline_dirs(pipe, [st.config.output_dir for st in stages])  # what `gspo pipeline` would refuse
+    return pipe, stages
 
 

@@ -119,7 +119,8 @@ def test_pipeline_never_deletes_a_stage_folder_it_did_not_create(tmp_path, capsy
     (out / "reward_model").mkdir(parents=True)
     (out / "reward_model" / "precious.txt").write_text("keep")
     pipe = _pipeline_file(tmp_path, out)
-    assert main(["pipeline", pipe, "--no-report"]) != 0
+    assert main(["validate", pipe]) == 2  # validation says what the run would refuse
+    assert main(["pipeline", pipe, "--no-report"]) == 2
     err = capsys.readouterr().err
     assert "overwrite=true" in err and "did not write" in err
     assert (out / "reward_model" / "precious.txt").read_text() == "keep"
@@ -138,6 +139,8 @@ def test_pipeline_rerun_of_a_stage_clears_only_what_it_wrote(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["stages"][0]["status"] = "failed"  # as after a crash: the stage starts again from scratch
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["pipeline", pipe, "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", pipe]) == 0
+    assert f"[pipeline] report: {out / 'report.md'}" in capsys.readouterr().out  # the run's end names it
     assert (out / "reward_model" / "mine.txt").read_text() == "keep"
     assert (out / "reward_model" / "final").is_dir()
