@@ -160,8 +160,8 @@ def _train(args: argparse.Namespace) -> int:
     # someone else is deleted or overwritten unasked.
     claim_output_dir(cfg.output_dir, stage=cfg.stage, resume=cfg.resume_from is not None,
                      overwrite=cfg.overwrite)
-    # The resolved config next to the outputs: `gspo train OUTPUT_DIR/config.yaml`, run from the same
-    # directory (relative paths resolve against it), repeats the run.
+    # The resolved config next to the outputs: `gspo train OUTPUT_DIR/config.yaml overwrite=true` (or with
+    # another output_dir), run from the same directory, repeats the run.
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(cfg.to_yaml())
     try:
