@@ -112,8 +112,10 @@ class RolloutConfig:
     max_new_tokens: int = field(default=64, metadata=doc("Longest completion, in tokens.", ge=1))
     temperature: float = field(default=1.0, metadata=doc("Sampling temperature.", gt=0))
     top_p: float = field(default=1.0, metadata=doc(
-        "Nucleus sampling; values < 1 truncate the sampler and bias the importance ratios.", gt=0, le=1))
-    top_k: int = field(default=-1, metadata=doc("Top-k sampling; -1 = off.", ge=-1))
+        "Nucleus sampling; 1 = off. pi_old and pi_theta are both the truncated, renormalised sampler "
+        "distribution (docs/concepts.md), so the on-policy ratio stays 1.", gt=0, le=1))
+    top_k: int = field(default=-1, metadata=doc(
+        "Top-k sampling; -1 = off. Truncates pi_old and pi_theta like top_p.", ge=-1))
     dtype: Dtype | None = field(default=None, metadata=doc(
         "Engine dtype; null = model.dtype. vLLM always gets an explicit dtype (its `auto` silently runs "
         "bf16 on CPU)."))
@@ -127,7 +129,8 @@ class RolloutConfig:
         "vLLM: no CUDA graphs / compilation (faster start-up)."))
     old_logp_source: Literal["trainer", "engine"] = field(default="trainer", metadata=doc(
         "pi_old log-probs: `trainer` recomputes them with a forward pass; `engine` uses the sampler's "
-        "log-probs (skips that pass; GSPO's sequence ratio tolerates small precision gaps)."))
+        "log-probs (skips that pass; GSPO's sequence ratio tolerates small precision gaps). Both are the "
+        "sampler's distribution after temperature, top-k and top-p."))
     sleep_between_rollouts: bool = field(default=False, metadata=doc(
         "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU)."))
 

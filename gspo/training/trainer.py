@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
@@ -187,7 +188,8 @@ class GSPOTrainer:
         return completion_logprobs(model or self.model, prompt_ids, ids.to(self.accelerator.device),
                                    mask.to(self.accelerator.device), group_size=1,
                                    pad_token_id=self.tokenizer.pad_token_id,
-                                   temperature=self.cfg.rollout.temperature, prompt_len=prompt_len)
+                                   temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
+                                   top_p=self.cfg.rollout.top_p, prompt_len=prompt_len)
 
     def _trainer_state(self) -> Any:
         """What TRL-style rewards read from `trainer_state` (global_step, max_steps, epoch), plus the rollout."""
@@ -228,10 +230,10 @@ class GSPOTrainer:
             adv = group_advantages(result.rewards, g, scale=self.spec.advantage)
 
         data = RolloutData(batch, rows, result.rewards, adv)
-        with timer("old_logprobs"), self.moe.old_pass(data.layout_mask()):
+        with timer("old_logprobs"), self._inference(), self.moe.old_pass(data.layout_mask()):
             data.old_logp = self._old_logprobs(data)
         if self.cfg.algorithm.beta > 0:
-            with timer("ref_logprobs"), torch.no_grad(), self._reference():
+            with timer("ref_logprobs"), self._inference(), self._reference():
                 data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
 
         with timer("update"):
@@ -254,6 +256,18 @@ class GSPOTrainer:
         self._maybe_write_samples(data)
         return rows_out
 
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """No-grad logprob passes (π_old, reference) run the policy in eval mode: `_update` leaves it in train
+        mode, where dropout (and any train-only behaviour) would make π_old differ from the sampler's π."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
     def _reference(self) -> Any:
         """Context in which `self._logp(..., model=self.ref_model)` is the KL reference's logp."""
         if self.ref_model is None and self.cfg.lora.enabled:
@@ -268,8 +282,7 @@ class GSPOTrainer:
             raise RuntimeError(f"rollout.old_logp_source=engine but engine {self.cfg.rollout.engine!r} returned "
                                "no logprobs")
         if not engine or self.moe.needs_old_routing:
-            with torch.no_grad():
-                data.trainer_logp = self._logp(batch).float().cpu()
+            data.trainer_logp = self._logp(batch).float().cpu()
         return batch.logp.float() if engine else data.trainer_logp
 
     def _update(self, data: RolloutData) -> list[dict[str, Any]]:
