@@ -90,9 +90,20 @@ class DataConfig:
     path: str | None = field(default=None, metadata=doc(
         "A JSONL file or a Hugging Face dataset id (`org/name`). Every column reaches the reward "
         "functions as a keyword argument."))
+    name: str | None = field(default=None, metadata=doc(
+        "Hugging Face dataset configuration name (`datasets.load_dataset(path, name)`, e.g. `main` for "
+        "`openai/gsm8k`); null = the dataset's default."))
     split: str = field(default="train", metadata=doc("Dataset split (Hugging Face datasets)."))
+    revision: str | None = field(default=None, metadata=doc(
+        "Hugging Face dataset revision: a branch, tag or commit hash (pin one for reproducible runs); "
+        "null = the default branch."))
     prompt_column: str = field(default="prompt", metadata=doc(
         "Column holding the prompt (a string or chat messages)."))
+    chat_template: Literal["auto", "always", "never"] = field(default="auto", metadata=doc(
+        "How prompts are rendered for sampling: `auto` follows TRL's dataset formats (plain strings are used "
+        "as they are, conversational prompts get the tokenizer's chat template); `always` wraps a string as "
+        "one user turn in the template (for chat models fine-tuned on such turns); `never` uses plain text "
+        "only. The choice and one rendered prompt are logged at start."))
     num_samples: int = field(default=2048, metadata=doc("Number of rows a synthetic task generates.", ge=1))
     shuffle: bool = field(default=True, metadata=doc("Shuffle the prompts every epoch (seeded by `seed`)."))
     task_kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(

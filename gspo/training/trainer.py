@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from gspo.algorithms import group_advantages, group_reward_stats
-from gspo.data import PromptSampler, build_dataset
+from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
 from gspo.logging import HopTimer, MetricsWriter, format_summary
 from gspo.registry import LOSSES, STAGES
 from gspo.rewards import RewardSet
@@ -127,6 +127,7 @@ class GSPOTrainer:
         # Dataset columns other than the prompt reach reward functions as keywords (TRL's contract).
         self.columns = [c for c in self.dataset.columns if c != "prompt"]
         self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.columns, base_dir=base_dir)
+        logger.info("%s", describe_prompt_format(self.dataset.rows, cfg.data.chat_template, self.tokenizer))
 
         # Router controls (freeze / fp32) change which parameters train: before the optimizer exists.
         self.moe = MoEMonitor(self.model, cfg.moe)
@@ -167,10 +168,7 @@ class GSPOTrainer:
     # --- hop helpers ------------------------------------------------------------------------------------
 
     def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
-        prompt = row["prompt"]
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_token_ids(self.tokenizer, row["prompt"], self.cfg.data.chat_template)
 
     def _sampling(self) -> SamplingSpec:
         r = self.cfg.rollout
