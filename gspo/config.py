@@ -170,6 +170,9 @@ class AlgorithmConfig:
         "KL penalty weight against the reference model (paper: 0).", ge=0))
     kl_estimator: str = field(default="k3", metadata=doc(
         "KL estimator (`gspo.registry.KL_ESTIMATORS`); used when beta > 0."))
+    adv_eps: float = field(default=1e-4, metadata=doc(
+        "Added to the group's reward std before dividing (GSPO Eq. 6); 1e-4 is TRL GRPOTrainer's constant, "
+        "so advantages equal TRL's for the same rewards.", gt=0))
     max_log_ratio: float = field(default=10.0, metadata=doc(
         "Bound on |log ratio| before exponentiating, so one sequence cannot turn the batch into NaN.", gt=0))
 

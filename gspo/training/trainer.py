@@ -225,7 +225,7 @@ class GSPOTrainer:
                                   columns, trainer_state=self._trainer_state())
 
         with timer("advantages"):
-            adv = group_advantages(result.rewards, g, scale=self.spec.advantage)
+            adv = group_advantages(result.rewards, g, scale=self.spec.advantage, eps=self.cfg.algorithm.adv_eps)
 
         data = RolloutData(batch, rows, result.rewards, adv)
         with timer("old_logprobs"), self._inference(), self.moe.old_pass(data.layout_mask()):
