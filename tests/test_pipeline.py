@@ -88,9 +88,12 @@ def manifest(out):
 
 
 def loaded_from(model_dir):
-    """The checkpoint the stage actually loaded (load_policy records it in the saved config)."""
+    """The checkpoint the stage actually loaded (every save records it in gspo_model.json; config.json stays
+    the architecture's own, with no gspo_* attribute)."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        return json.load(f)["gspo_model_path"]
+        assert not [k for k in json.load(f) if k.startswith("gspo")]
+    with open(os.path.join(model_dir, "gspo_model.json"), encoding="utf-8") as f:
+        return json.load(f)["loaded_from"]
 
 
 def tree_mtimes(root):

@@ -42,7 +42,7 @@ from gspo.rollout.base import RolloutBatch, SamplingSpec
 from gspo.training import lora
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.model import load_policy
+from gspo.training.model import load_policy, provenance, write_provenance
 from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
 from gspo.training.optim import build_optimizer
 
@@ -100,7 +100,7 @@ class GSPOTrainer:
         model_cfg = replace(cfg.model, name_or_path=os.path.join(resume, "model"), tiny={}) \
             if resume and not use_lora else cfg.model
         self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
-        self.model_path = self.model.config.gspo_model_path  # where the engine loads the same weights from
+        self.model_path = provenance(self.model)["loaded_from"]  # where the engine loads the same weights from
         # --- LoRA: adapters before router controls and the optimizer, so only adapter parameters train ---
         self.lora_save = cfg.lora.save
         self.lora_metrics: dict[str, float] = {}
@@ -389,6 +389,7 @@ class GSPOTrainer:
         else:
             policy.save_pretrained(final)
             self.tokenizer.save_pretrained(final)
+            write_provenance(policy, final)
         self.engine.close()
         self.accelerator.end_training()
         return final
