@@ -122,7 +122,7 @@ def test_saved_config_json_is_clean_and_provenance_sits_next_to_it(tmp_path):
                           experts_implementation="auto", attn_implementation=None, trust_remote_code=False,
                           gradient_checkpointing=False, tiny={})
     model, tok = load_policy(cfg, output_dir=tmp_path)
-    opt, sched = opt_sched(model)
+    opt, sched = opt_sched(model)  # noqa: F821 (defined by exec above)
     path = save_checkpoint(str(tmp_path / "run"), 1, model=model, tokenizer=tok, optimizer=opt, scheduler=sched,
                            trainer_state={"rollout": 1})
     model_dir = os.path.join(path, "model")

@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from gspo.data import AddTask, PromptSampler, build_dataset, describe_prompt_format, load_rows, prompt_token_ids
+from gspo.data import (
+    AddTask,
+    PromptSampler,
+    build_dataset,
+    describe_prompt_format,
+    load_rows,
+    prompt_token_ids,
+)
 from gspo.registry import TASKS
 
 

