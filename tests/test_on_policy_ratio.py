@@ -18,9 +18,10 @@ from conftest import tiny_config
 
 SETTINGS = [(t, k, p) for t in (0.7, 1.0) for k in (-1, 20) for p in (1.0, 0.8)]
 SOURCES = ("trainer", "engine")
-# trainer: both passes are the trainer's own (they differ only in how rows are batched); engine: fp32 vLLM or HF
-# generate (KV cache) against the trainer's full forward, measured ~1e-6 on the sequence ratio.
-TOL = {"trainer": 1e-5, "engine": 1e-4}
+# trainer: both passes are the trainer's own (they differ only in how rows are batched; measured 0); engine: fp32
+# vLLM or HF generate (KV cache) against the trainer's full forward, measured <= 8.4e-7 on the sequence ratio
+# over the 8 settings. An untruncated π_θ, or one without the temperature, is off by 0.2-0.55.
+TOL = {"trainer": 1e-6, "engine": 1e-5}
 
 
 def _engines():
