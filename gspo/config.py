@@ -94,9 +94,20 @@ class DataConfig:
     path: str | None = field(default=None, metadata=doc(
         "A JSONL file or a Hugging Face dataset id (`org/name`). Every column reaches the reward "
         "functions as a keyword argument."))
+    name: str | None = field(default=None, metadata=doc(
+        "Hugging Face dataset configuration name (`datasets.load_dataset(path, name)`, e.g. `main` for "
+        "`openai/gsm8k`); null = the dataset's default."))
     split: str = field(default="train", metadata=doc("Dataset split (Hugging Face datasets)."))
+    revision: str | None = field(default=None, metadata=doc(
+        "Hugging Face dataset revision: a branch, tag or commit hash (pin one for reproducible runs); "
+        "null = the default branch."))
     prompt_column: str = field(default="prompt", metadata=doc(
         "Column holding the prompt (a string or chat messages)."))
+    chat_template: Literal["auto", "always", "never"] = field(default="auto", metadata=doc(
+        "How prompts are rendered for sampling: `auto` follows TRL's dataset formats (plain strings are used "
+        "as they are, conversational prompts get the tokenizer's chat template); `always` wraps a string as "
+        "one user turn in the template (for chat models fine-tuned on such turns); `never` uses plain text "
+        "only. The choice and one rendered prompt are logged at start."))
     num_samples: int = field(default=2048, metadata=doc("Number of rows a synthetic task generates.", ge=1))
     shuffle: bool = field(default=True, metadata=doc("Shuffle the prompts every epoch (seeded by `seed`)."))
     task_kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
@@ -116,8 +127,10 @@ class RolloutConfig:
     max_new_tokens: int = field(default=64, metadata=doc("Longest completion, in tokens.", ge=1))
     temperature: float = field(default=1.0, metadata=doc("Sampling temperature.", gt=0))
     top_p: float = field(default=1.0, metadata=doc(
-        "Nucleus sampling; values < 1 truncate the sampler and bias the importance ratios.", gt=0, le=1))
-    top_k: int = field(default=-1, metadata=doc("Top-k sampling; -1 = off.", ge=-1))
+        "Nucleus sampling; 1 = off. pi_old and pi_theta are both the truncated, renormalised sampler "
+        "distribution (docs/concepts.md), so the on-policy ratio stays 1.", gt=0, le=1))
+    top_k: int = field(default=-1, metadata=doc(
+        "Top-k sampling; -1 = off. Truncates pi_old and pi_theta like top_p.", ge=-1))
     dtype: Dtype | None = field(default=None, metadata=doc(
         "Engine dtype; null = model.dtype. vLLM always gets an explicit dtype (its `auto` silently runs "
         "bf16 on CPU)."))
@@ -131,7 +144,8 @@ class RolloutConfig:
         "vLLM: no CUDA graphs / compilation (faster start-up)."))
     old_logp_source: Literal["trainer", "engine"] = field(default="trainer", metadata=doc(
         "pi_old log-probs: `trainer` recomputes them with a forward pass; `engine` uses the sampler's "
-        "log-probs (skips that pass; GSPO's sequence ratio tolerates small precision gaps)."))
+        "log-probs (skips that pass; GSPO's sequence ratio tolerates small precision gaps). Both are the "
+        "sampler's distribution after temperature, top-k and top-p."))
     sleep_between_rollouts: bool = field(default=False, metadata=doc(
         "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU)."))
 
@@ -160,6 +174,9 @@ class AlgorithmConfig:
         "KL penalty weight against the reference model (paper: 0).", ge=0))
     kl_estimator: str = field(default="k3", metadata=doc(
         "KL estimator (`gspo.registry.KL_ESTIMATORS`); used when beta > 0."))
+    adv_eps: float = field(default=1e-4, metadata=doc(
+        "Added to the group's reward std before dividing (GSPO Eq. 6); 1e-4 is TRL GRPOTrainer's constant, "
+        "so advantages equal TRL's for the same rewards.", gt=0))
     max_log_ratio: float = field(default=10.0, metadata=doc(
         "Bound on |log ratio| before exponentiating, so one sequence cannot turn the batch into NaN.", gt=0))
 

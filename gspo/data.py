@@ -82,24 +82,85 @@ def _load_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a JSONL file (`.jsonl`/`.json` lines) or of a Hugging Face dataset (local dir or hub id)."""
+def load_rows(path: str, split: str = "train", *, name: str | None = None,
+              revision: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (`.jsonl`/`.json` lines) or of a Hugging Face dataset (local dir or hub id; `name`
+    is the dataset's configuration, e.g. `main` of gsm8k, `revision` a branch, tag or commit)."""
     if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
         return _load_jsonl(path)
     import datasets  # heavy; only when a dataset is really used
+
+    def hub() -> Any:
+        return datasets.load_dataset(path, name=name, split=split, revision=revision)
 
     if os.path.isdir(path):
         try:
             ds = datasets.load_from_disk(path)
         except FileNotFoundError:
-            ds = datasets.load_dataset(path, split=split)
+            ds = hub()
     else:
-        ds = datasets.load_dataset(path, split=split)
+        ds = hub()
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"data.split={split!r} not in {path}; splits: {', '.join(ds)}")
         ds = ds[split]
     return [dict(r) for r in ds]
+
+
+# --- prompt rendering ------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+
+
+def uses_chat_template(prompt: Any, mode: str) -> bool:
+    """Whether `prompt` goes through the tokenizer's chat template under data.chat_template=`mode`.
+
+    `auto` follows TRL's dataset formats: conversational prompts (a list of messages) get the template, plain
+    strings ("standard" format) are used as they are. `always` wraps a string as one user turn.
+    """
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"data.chat_template={mode!r}: choose one of {', '.join(CHAT_TEMPLATE_MODES)}")
+    if mode == "auto":
+        return isinstance(prompt, list)
+    return mode == "always"
+
+
+def render_prompt(tokenizer: Any, prompt: Any, mode: str = "auto") -> str:
+    """The text the model is prompted with (see `uses_chat_template`)."""
+    if not uses_chat_template(prompt, mode):
+        if not isinstance(prompt, str):
+            raise ValueError(f"data.chat_template={mode}: a conversational prompt (list of messages) needs the "
+                             "chat template; use data.chat_template=auto or always")
+        return prompt
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"data.chat_template={mode}: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has "
+                         "no chat template; use plain-text prompts with data.chat_template=never")
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Any, mode: str = "auto") -> list[int]:
+    """Token ids of the rendered prompt. No special tokens are added (TRL's GRPO does the same): a chat
+    template writes its own, and a plain prompt is the user's text exactly."""
+    return tokenizer(render_prompt(tokenizer, prompt, mode), add_special_tokens=False)["input_ids"]
+
+
+def describe_prompt_format(rows: list[dict[str, Any]], mode: str, tokenizer: Any) -> str:
+    """One log line: the resolved chat-template choice and the first prompt as the model sees it."""
+    templated = sum(uses_chat_template(r["prompt"], mode) for r in rows)
+    if templated == len(rows):
+        choice = "chat template on every prompt"
+    elif templated == 0:
+        choice = "no chat template (plain-text prompts used as they are)"
+    else:
+        choice = f"chat template on {templated} of {len(rows)} prompts (the conversational ones)"
+    first = render_prompt(tokenizer, rows[0]["prompt"], mode) if rows else ""
+    return f"data.chat_template={mode}: {choice}; first prompt as rendered: {first!r}"
+
+
+def hf_dataset_options(data_cfg: Any) -> dict[str, Any]:
+    """data.name / data.revision as `load_rows` keywords."""
+    return {"name": getattr(data_cfg, "name", None), "revision": getattr(data_cfg, "revision", None)}
 
 
 def build_dataset(data_cfg: Any, *, seed: int) -> PromptDataset:
@@ -108,7 +169,7 @@ def build_dataset(data_cfg: Any, *, seed: int) -> PromptDataset:
         task = TASKS.get(data_cfg.task)(**dict(data_cfg.task_kwargs or {}))
         rows = task.rows(data_cfg.num_samples, seed=seed)
     else:
-        rows = load_rows(data_cfg.path, data_cfg.split)
+        rows = load_rows(data_cfg.path, data_cfg.split, **hf_dataset_options(data_cfg))
     if not rows:
         raise ValueError(f"data: no rows in {data_cfg.task or data_cfg.path}")
     col = data_cfg.prompt_column
@@ -117,6 +178,9 @@ def build_dataset(data_cfg: Any, *, seed: int) -> PromptDataset:
             raise ValueError(f"data row {i}: no column {col!r} (data.prompt_column); columns: {', '.join(sorted(row))}")
         if col != "prompt":
             row["prompt"] = row.pop(col)
+        if getattr(data_cfg, "chat_template", "auto") == "never" and isinstance(row["prompt"], list):
+            raise ValueError(f"data row {i}: the prompt is a list of chat messages but data.chat_template=never "
+                             "(plain text only); use data.chat_template=auto")
     return PromptDataset(rows)
 
 

@@ -13,13 +13,16 @@ and writes them to `<output_dir>/eval.json`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from gspo.data import build_dataset
+from gspo.data import build_dataset, describe_prompt_format, prompt_token_ids
+
+logger = logging.getLogger("gspo.eval")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -65,11 +68,6 @@ class Scored:
     metrics: dict[str, float]
 
 
-def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
-    """Token ids of a plain or conversational prompt through the chat template (as the RL trainer does)."""
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def open_engine(cfg: Any, model_path: str, tokenizer: Any, longest_prompt: int) -> Any:
@@ -112,7 +110,9 @@ def sample_and_score(cfg: Any, rows: list[dict[str, Any]], *, model_path: str | 
     base_dir = os.path.dirname(os.path.abspath(cfg.source_path)) if cfg.source_path else None
     if rewards is None:
         rewards = RewardSet.from_specs(cfg.rewards, columns=columns, base_dir=base_dir)
-    ids = [prompt_ids(tokenizer, row["prompt"]) for row in rows]
+    mode = cfg.data.chat_template
+    logger.info("%s", describe_prompt_format(rows, mode, tokenizer))
+    ids = [prompt_token_ids(tokenizer, row["prompt"], mode) for row in rows]  # as the RL trainer renders them
     own_engine = engine is None
     if own_engine:
         engine = open_engine(cfg, model_path, tokenizer, max(len(p) for p in ids))

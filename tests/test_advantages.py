@@ -12,7 +12,7 @@ from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.registry import ADVANTAGES, RegistryError
 
 SEEDS = range(8)
-EPS = 1e-6
+EPS = 1e-4  # the default: TRL GRPOTrainer's constant
 
 
 def random_rewards(seed: int, missing: float = 0.0):
@@ -108,7 +108,8 @@ def test_invariant_to_a_constant_added_per_group(seed, scale):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_std_scale_is_invariant_to_positive_rescaling_and_none_scale_is_not(seed):
     r, gs = random_rewards(seed)
-    torch.testing.assert_close(group_advantages(5 * r, gs), group_advantages(r, gs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(group_advantages(5 * r, gs, eps=1e-12), group_advantages(r, gs, eps=1e-12), rtol=1e-9,
+                               atol=1e-9)
     torch.testing.assert_close(group_advantages(5 * r, gs, scale="none"), 5 * group_advantages(r, gs, scale="none"))
 
 
@@ -156,3 +157,10 @@ def test_group_reward_stats_match_loop(seed):
     assert math.isclose(stats["reward_std"], statistics.fmean(stds), rel_tol=1e-9, abs_tol=1e-12)
     assert set(stats) == {"frac_reward_zero_std", "reward_std"}
     assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_eps_default_is_trls_and_is_honoured():
+    r = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)  # sample std 1/sqrt(3)
+    sd = statistics.stdev([0.0, 1.0, 1.0, 0.0])
+    assert float(group_advantages(r, 4)[1]) == pytest.approx(0.5 / (sd + 1e-4), rel=1e-12)
+    assert float(group_advantages(r, 4, eps=0.25)[1]) == pytest.approx(0.5 / (sd + 0.25), rel=1e-12)

@@ -123,3 +123,28 @@ def test_prune_never_removes_what_latest_names(tmp_path):
     _save(str(tmp_path), 1, Model(), keep=1)  # noqa: F821
     assert resolve_checkpoint(str(tmp_path), "latest").endswith("rollout-000001")
     assert (root / "rollout-000001").is_dir()
+
+
+def test_saved_config_json_is_clean_and_provenance_sits_next_to_it(tmp_path):
+    """config.json is the architecture's own (no gspo_* keys, no local paths); where the weights came from and
+    the experts backend are in gspo_model.json of the same folder."""
+    import json
+    from types import SimpleNamespace
+
+    from gspo.training.model import PROVENANCE_FILE, load_policy, read_provenance
+
+    cfg = SimpleNamespace(name_or_path="tiny:qwen3_moe", tokenizer=None, dtype="float32",
+                          experts_implementation="auto", attn_implementation=None, trust_remote_code=False,
+                          gradient_checkpointing=False, tiny={})
+    model, tok = load_policy(cfg, output_dir=tmp_path)
+    opt, sched = opt_sched(model)  # noqa: F821 (defined by exec above)
+    path = save_checkpoint(str(tmp_path / "run"), 1, model=model, tokenizer=tok, optimizer=opt, scheduler=sched,
+                           trainer_state={"rollout": 1})
+    model_dir = os.path.join(path, "model")
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert not [k for k in config if k.startswith("gspo")]
+    assert str(tmp_path) not in json.dumps(config)
+    assert os.path.isfile(os.path.join(model_dir, PROVENANCE_FILE))
+    assert read_provenance(model_dir) == {"loaded_from": os.path.join(str(tmp_path), "tiny_model"),
+                                          "experts_implementation": "grouped_mm", "experts_requested": "auto"}

@@ -146,3 +146,61 @@ def test_errors_name_the_problem(model):
         completion_logprobs(model, prompts, ids, mask, group_size=3, pad_token_id=PAD)
     with pytest.raises(ValueError, match="chunk_size"):
         completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD, chunk_size=0)
+
+
+def naive_truncated(logits_row: torch.Tensor, target: int, temperature: float, top_k: int, top_p: float) -> float:
+    """The sampler's distribution written out by hand: z/τ, keep the top_k largest (ties with the k-th kept),
+    then the smallest set of most likely tokens whose probability reaches top_p, renormalise."""
+    z = logits_row.double() / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if top_k > 0:
+        keep &= z >= torch.topk(z, top_k).values[-1]
+    if top_p < 1.0:
+        p = torch.where(keep, z, float("-inf")).softmax(-1)
+        order = torch.argsort(p, descending=True)
+        mass, nucleus = 0.0, torch.zeros_like(keep)
+        for idx in order.tolist():
+            nucleus[idx] = True
+            mass += float(p[idx])
+            if mass >= top_p:
+                break
+        keep &= nucleus
+    return float(torch.where(keep, z, float("-inf")).log_softmax(-1)[target])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, -1, 0.8), (1.3, 20, 0.9), (0.7, 3, 0.5)])
+def test_truncated_sampler_distribution_matches_a_hand_written_reference(model, temperature, top_k, top_p):
+    prompts, ids, mask = random_batch(3)
+    with torch.no_grad():  # even rows: the greedy continuation (always inside the kept set); odd rows: random
+        for i in range(0, ids.shape[0], 2):
+            seq = list(prompts[i // 2])
+            for t in range(int(mask[i].sum())):
+                ids[i, t] = int(model(torch.tensor(seq)[None]).logits[0, -1].argmax())
+                seq.append(int(ids[i, t]))
+        got = completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD,
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
+        full = completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD, temperature=temperature)
+    want = torch.zeros_like(got)
+    for i in range(ids.shape[0]):
+        prompt, n_tok = prompts[i // 2], int(mask[i].sum())
+        logits = model(torch.tensor(prompt + ids[i, :n_tok].tolist())[None]).logits[0].float().detach()
+        for t in range(n_tok):
+            want[i, t] = naive_truncated(logits[len(prompt) - 1 + t], int(ids[i, t]), temperature, top_k, top_p)
+    inside = torch.isfinite(want) & mask.bool()  # drawn-by-the-sampler tokens: inside the kept set
+    assert bool(inside[::2][mask[::2].bool()].all())
+    torch.testing.assert_close(got[inside], want[inside].float(), rtol=1e-5, atol=1e-5)
+    # truncation renormalises: a kept token is more likely than under the full distribution
+    assert bool((got[inside] > full[inside]).all())
+    # outside the kept set (only possible off-policy) the value stays finite: no -inf / NaN in the loss
+    assert bool(torch.isfinite(got).all())
+
+
+def test_truncated_logprobs_have_finite_gradients(model):
+    prompts, ids, mask = random_batch(4)
+    logp = completion_logprobs(model, prompts, ids, mask, group_size=2, pad_token_id=PAD, temperature=0.7,
+                               top_k=5, top_p=0.8)
+    logp.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    model.zero_grad()

@@ -17,7 +17,7 @@ from gspo.registry import MODEL_FAMILIES
 from gspo.rollout.base import SamplingSpec
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.lora import apply_lora, check_sync_mode, from_adapter, resolve_targets
-from gspo.training.model import build_tiny_model, load_policy
+from gspo.training.model import build_tiny_model, load_policy, provenance
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # Per family: Linear targets (attention, and the shared experts where the family has them).
@@ -278,10 +278,10 @@ def test_lora_resume_reproduces_the_uninterrupted_run_and_final_is_a_plain_model
     assert not os.path.exists(os.path.join(final, "adapter_config.json"))
     plain = AutoModelForCausalLM.from_pretrained(final)
     assert float((_sample_logp(plain) - want).abs().max()) < 1e-5
-    base = AutoModelForCausalLM.from_pretrained(policy.config.gspo_model_path)
+    base = AutoModelForCausalLM.from_pretrained(provenance(policy)["loaded_from"])
     with_adapter = PeftModel.from_pretrained(base, final + "_adapter")
     assert float((_sample_logp(with_adapter) - want).abs().max()) < 1e-5
-    again = from_adapter(AutoModelForCausalLM.from_pretrained(policy.config.gspo_model_path), final + "_adapter")
+    again = from_adapter(AutoModelForCausalLM.from_pretrained(provenance(policy)["loaded_from"]), final + "_adapter")
     assert float((_sample_logp(again) - want).abs().max()) < 1e-5
 
     # Chaining: the next (LoRA) stage starts from final/ and trains on top of the merged weights.

@@ -342,12 +342,21 @@ def test_gspo_token_equals_gspo_in_gradient_beyond_the_log_ratio_clamp():
 
 
 def test_low_precision_inputs_are_computed_in_float32():
-    logp, old, adv, mask, _ = random_batch(2, 1e-4, n=5, t=7)
-    ref = gspo_loss(logp, old, adv, mask)
-    low = gspo_loss(logp.bfloat16(), logp.bfloat16(), adv.bfloat16(), mask)
-    assert low.loss.dtype == torch.float32 and math.isfinite(float(low.loss.detach()))
-    assert math.isclose(float(gspo_token_loss(logp.float(), old.float(), adv.float(), mask).loss.detach()),
-                        float(ref.loss), rel_tol=1e-5)
+    """bf16 logprobs (a bf16 policy) are upcast before the log-ratio, exp and clip: the loss and ratios equal
+    those of the same values in float32. Computed in bf16, the ratios near 1 would round to multiples of 2^-7
+    (1.002 -> 1.0), which the ratio comparison below sees."""
+    logp, old, adv, mask, _ = random_batch(2, 2e-2, n=5, t=7)
+    lp, od, ad = logp.bfloat16(), old.bfloat16(), adv.bfloat16()
+    for fn in (gspo_loss, gspo_token_loss):
+        ref = fn(lp.float(), od.float(), ad.float(), mask, clip_low=0.2, clip_high=0.2)
+        low = fn(lp, od, ad, mask, clip_low=0.2, clip_high=0.2)
+        assert low.loss.dtype == torch.float32
+        assert math.isclose(float(low.loss), float(ref.loss), rel_tol=1e-6, abs_tol=1e-9)
+        for key in ("ratio/min", "ratio/max", "ratio/mean"):
+            assert math.isclose(low.metrics[key], ref.metrics[key], rel_tol=1e-6), key
+    # the inputs really carry ratios that bf16 arithmetic could not hold
+    s = ref.metrics["ratio/max"]
+    assert abs(s - 1) > 2e-3 and float(torch.tensor(s).bfloat16()) != s
 
 
 def test_empty_completion_has_no_term():

@@ -23,9 +23,13 @@ def _isolation_works() -> bool:
 
 
 # CI runs as root, where isolation works and every test below runs. Elsewhere the reward must refuse to run:
-# test_refuses_to_run_without_isolation checks that on such machines.
+# test_refuses_to_run_without_isolation checks that on such machines. With CI set nothing is skipped: a CI
+# machine that cannot isolate fails these tests (and test_isolation_works_on_ci says why) instead of passing
+# them silently as skips.
+ON_CI = bool(os.environ.get("CI"))
 ISOLATED = _isolation_works()
-needs_root = pytest.mark.skipif(not ISOLATED, reason="the sandbox cannot isolate here (needs root + namespaces)")
+needs_root = pytest.mark.skipif(not ISOLATED and not ON_CI,
+                                reason="the sandbox cannot isolate here (needs root + namespaces)")
 LIMITS = {"cpu_s": 1, "wall_s": 3.0, "memory_mb": 256}
 DOUBLE = [{"input": "3\n", "output": "6"}, {"input": "10\n", "output": "20"}]
 
@@ -99,23 +103,76 @@ def test_reward_set_runs_code_execution_with_the_startup_check():
 # ------------------------------------------------------------------------------------------------ hostile
 
 
+def test_isolation_works_on_ci():
+    """CI must run the isolation tests, not skip them (CI runs as root with namespaces available)."""
+    if not ON_CI:
+        pytest.skip("only meaningful with CI set")
+    assert ISOLATED, f"the code sandbox cannot isolate on this CI machine: {code_reward._probe.get('reason')}"
+
+
+def run(src: str) -> "object":
+    return run_program(textwrap.dedent(src), limits=Limits(**LIMITS))
+
+
 @needs_root
 def test_fork_bomb():
+    # The process limit stops it: forking fails well before 200 children (a sandbox without it would fork on).
+    result = run("""
+        import os, time
+        n = 0
+        try:
+            for _ in range(200):
+                if os.fork() == 0:
+                    time.sleep(2)
+                    os._exit(0)
+                n += 1
+            print("forked", n)
+        except OSError:
+            print("refused after", n)
+    """)
+    assert result.status == "ok" and result.stdout.startswith("refused after"), result.stdout
+    assert int(result.stdout.split()[-1]) < Limits(**LIMITS).nproc
     assert score("import os\nwhile True:\n    os.fork()\nprint(6)") == 0.0
-    assert sandbox_processes() == []
+    assert sandbox_processes() == []  # every child is gone when the run ends
     assert score("print(int(input()) * 2)") == 1.0  # the sandbox still works afterwards
 
 
 @needs_root
 def test_memory_hog():
-    assert score("x = []\nwhile True:\n    x.append(bytearray(10**7))") == 0.0
-    assert score("x = bytearray(10**10)\nprint(6)") == 0.0
+    # The address-space limit (256 MB here) refuses the allocations: growing in 10 MB steps stops below it,
+    # a 10 GB block fails outright. A sandbox without the limit would reach 1 GB / allocate the block.
+    result = run("""
+        x = []
+        try:
+            while len(x) < 100:
+                x.append(bytearray(10**7))
+            print("allocated", 10 * len(x))
+        except MemoryError:
+            print("refused at", 10 * len(x))
+        try:
+            y = bytearray(10**10)
+            print("huge block allocated")
+        except MemoryError:
+            print("huge block refused")
+    """)
+    lines = result.stdout.splitlines()
+    assert result.status == "ok" and lines[0].startswith("refused at") and lines[1] == "huge block refused", lines
+    assert int(lines[0].split()[-1]) < LIMITS["memory_mb"]
+    assert score("x = []\nwhile True:\n    x.append(bytearray(10**7))\nprint(6)") == 0.0
 
 
 @needs_root
 def test_infinite_loops_cpu_and_wall():
-    assert score("while True:\n    pass") == 0.0  # CPU limit
-    assert score("import time\ntime.sleep(1000)") == 0.0  # wall deadline (no CPU used)
+    import signal
+    import time
+
+    start = time.monotonic()
+    busy = run("while True:\n    pass")  # the CPU limit kills it (SIGXCPU, then SIGKILL at the hard limit)
+    assert busy.status == "ok" and busy.returncode in (-signal.SIGXCPU, -signal.SIGKILL), busy
+    idle = run("import time\ntime.sleep(1000)")  # no CPU used: the wall deadline ends it
+    assert idle.status == "timeout"
+    assert time.monotonic() - start < 2 * (LIMITS["cpu_s"] + 1 + LIMITS["wall_s"]) + 5
+    assert score("while True:\n    pass") == 0.0
     assert sandbox_processes() == []
 
 
@@ -125,8 +182,10 @@ def test_writing_outside_the_work_dir(tmp_path, monkeypatch):
     trainer_cwd.mkdir()
     monkeypatch.chdir(trainer_cwd)  # the trainer's working directory is hidden and not writable
     targets = [trainer_cwd / "escaped.txt", tmp_path / "escaped.txt"]
-    src = "\n".join(f"open({str(t)!r}, 'w').write('pwned')" for t in targets) + "\nprint(6)"
-    assert score(src) == 0.0
+    src = "\n".join(f"try:\n    open({str(t)!r}, 'w').write('pwned')\n    print('wrote')\n"
+                    f"except OSError:\n    print('refused')" for t in targets)
+    result = run_program(src, limits=Limits(**LIMITS))
+    assert result.status == "ok" and result.stdout.split() == ["refused", "refused"], result.stdout
     assert not any(t.exists() for t in targets)
     (trainer_cwd / "trainer_data.txt").write_text("private")
     listing = f"import os\ntry:\n    print(os.listdir({str(trainer_cwd)!r}))\nexcept OSError as e:\n    print(e)"
@@ -146,9 +205,11 @@ def test_reading_the_parent_environment(monkeypatch):
                 print(open(path, "rb").read().decode(errors="replace"))
             except OSError:
                 pass
+        print("searched")
     """
     result = run_program(textwrap.dedent(src), limits=Limits(**LIMITS))
-    assert result.status == "ok" and secret not in result.stdout
+    # it ran to the end (an early crash would also leave the secret out of stdout) and found nothing
+    assert result.status == "ok" and result.stdout.rstrip().endswith("searched") and secret not in result.stdout
     assert score(src, cases=[{"input": "", "output": secret}]) == 0.0
 
 
@@ -160,8 +221,10 @@ def test_opening_a_socket():
     listener.settimeout(0.5)
     port = listener.getsockname()[1]
     try:
-        src = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'hi')\nprint(6)"
-        assert score(src) == 0.0
+        src = (f"import socket\ntry:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+               "    s.sendall(b'hi')\n    print('connected')\nexcept OSError as e:\n    print('refused')")
+        result = run_program(src, limits=Limits(**LIMITS))
+        assert result.status == "ok" and result.stdout.strip() == "refused", result.stdout
         with pytest.raises(socket.timeout):
             listener.accept()  # no connection ever arrived
     finally:
@@ -183,7 +246,9 @@ def test_killing_its_parent_and_the_trainer():
     """
     result = run_program(textwrap.dedent(src), limits=Limits(**LIMITS))
     assert result.status == "ok"  # the launcher reported back: it survived
-    assert f"sent {me}" not in result.stdout  # the trainer's pid is not reachable from the sandbox
+    # the program did try the trainer's pid, and could not reach it (another pid namespace)
+    assert f"ProcessLookupError {me}" in result.stdout.splitlines() or f"PermissionError {me}" in \
+        result.stdout.splitlines(), result.stdout
     assert score(src, cases=[{"input": "", "output": "sent"}]) == 0.0
     assert os.getpid() == me and sandbox_processes() == []
 

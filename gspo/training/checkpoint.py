@@ -124,12 +124,14 @@ def _write_contents(tmp: str, model: Any, tokenizer: Any, optimizer: torch.optim
                     trainer_state: dict[str, Any], lora_save: str) -> None:
     # --- LoRA: adapter/ (what resuming needs) and/or the merged model/ ---
     from gspo.training.lora import is_lora, save_lora
+    from gspo.training.model import write_provenance
 
     if is_lora(model):
         save_lora(model, tmp, tokenizer, save=lora_save)
     else:
         model.save_pretrained(os.path.join(tmp, "model"))
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
+        write_provenance(model, os.path.join(tmp, "model"))
     # --- end LoRA ---
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))

@@ -70,15 +70,43 @@ def build_inputs(
     return input_ids, attention_mask, position_ids, p_len
 
 
+def sampler_support(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor | None:
+    """Which tokens the sampler may draw after top-k then top-p on (temperature-scaled) `logits` [..., V]:
+    a bool mask of the same shape, or None when nothing is truncated.
+
+    transformers' own warpers decide the set, so the trainer and the HF engine truncate identically; vLLM's
+    sampler applies the same rules in the same order (top-k keeps ties with the k-th value; top-p removes
+    the low tail whose cumulative probability is <= 1 - top_p, never the top token).
+    """
+    if top_k <= 0 and top_p >= 1.0:
+        return None
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.detach().reshape(-1, logits.shape[-1])
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.isfinite(scores).reshape(logits.shape)
+
+
 def _chunk_logp(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, temperature: float,
-                softcap: float | None) -> torch.Tensor:
+                softcap: float | None, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
     # hidden [c, T, H] -> logits [c, T, V] (this chunk only) -> log π(target) [c, T] in fp32.
     logits = lm_head(hidden).float()
     if softcap:  # architectures that soft-cap their final logits (Gemma-2 style)
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
-    return logits.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = logits.log_softmax(dim=-1)
+    out = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    kept = sampler_support(logits, top_k, top_p)
+    if kept is None:
+        return out
+    # The sampler's renormalised distribution: log π(y) - log Σ_{v kept} π(v). The kept set is a
+    # non-differentiable choice (as in the sampler); the gradient flows through both terms. A target
+    # outside the set (only off-policy: θ moved, or padding) keeps this finite value instead of -inf.
+    return out - logp.masked_fill(~kept, float("-inf")).logsumexp(dim=-1)
 
 
 def completion_logprobs(
@@ -91,6 +119,8 @@ def completion_logprobs(
     pad_token_id: int,
     chunk_size: int = 8,
     temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
     output_router_logits: bool = False,
     return_outputs: bool = False,
     prompt_len: int | None = None,
@@ -104,6 +134,11 @@ def completion_logprobs(
     under the distribution the sampler drew from (vLLM and HF generate both sample from softmax(z / τ)).
     Use the rollout's temperature for old_logp / logp so the ratio compares like with like.
 
+    Top-k / top-p (-1 / 1.0 = off): the log-probability under the sampler's truncated, renormalised
+    distribution (`sampler_support` picks the kept tokens from these logits), which is what the rollout
+    engines report (vLLM `processed_logprobs`, the HF engine's capture) and what the tokens were drawn from.
+    π_old and π_θ both computed this way make the on-policy importance ratio exactly 1 (docs/concepts.md).
+
     Memory: the decoder runs on the whole batch, but logits exist only for `chunk_size` rows × T completion
     positions at a time (lm_head is applied to the sliced hidden states), never [N, P + T, V] or [N, T, V].
 
@@ -115,6 +150,8 @@ def completion_logprobs(
         raise ValueError(f"completion_logprobs: chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
         raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"completion_logprobs: top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     completion_ids = completion_ids.to(device)
     mask = mask.to(device)
@@ -138,9 +175,10 @@ def completion_logprobs(
         h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in backward instead of keeping every chunk's [c, T, V] alive.
-            chunks.append(checkpoint(_chunk_logp, h, y, lm_head, temperature, softcap, use_reentrant=False))
+            chunks.append(checkpoint(_chunk_logp, h, y, lm_head, temperature, softcap, top_k, top_p,
+                                     use_reentrant=False))
         else:
-            chunks.append(_chunk_logp(h, y, lm_head, temperature, softcap))
+            chunks.append(_chunk_logp(h, y, lm_head, temperature, softcap, top_k, top_p))
     logp = torch.cat(chunks, dim=0) * (mask > 0)
     if return_outputs:
         return CompletionForward(logp, outputs, attention_mask)

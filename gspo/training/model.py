@@ -293,10 +293,11 @@ def load_policy(model_cfg: Any, *, output_dir: str | os.PathLike, device: str | 
     "batched_mm"), attn_implementation (None = transformers' default), trust_remote_code,
     gradient_checkpointing, tiny (dict of config overrides for tiny models; "seed" picks the init seed).
 
-    The experts backend is chosen explicitly (`resolve_experts_implementation`) and recorded as
-    `model.config.gspo_experts_implementation` (the requested one as `gspo_experts_requested`) so the
-    trainer can log it; the resolved checkpoint path is `model.config.gspo_model_path`. The model is moved
-    to `device` (default: CUDA when available, else CPU).
+    The experts backend is chosen explicitly (`resolve_experts_implementation`). Where the model came from
+    and which backend runs it are kept in `provenance(model)` (`loaded_from`: the resolved checkpoint
+    directory, `experts_implementation`, `experts_requested`), never in `model.config`: every save writes
+    them next to config.json as `gspo_model.json` (`write_provenance`), so config.json stays the
+    architecture's own. The model is moved to `device` (default: CUDA when available, else CPU).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -330,9 +331,8 @@ def load_policy(model_cfg: Any, *, output_dir: str | os.PathLike, device: str | 
     if getattr(model_cfg, "gradient_checkpointing", False):
         # Only active in train mode: HF generate (eval mode) keeps its KV cache.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.gspo_experts_implementation = experts
-    model.config.gspo_experts_requested = requested
-    model.config.gspo_model_path = path
+    model.gspo_provenance = {"loaded_from": str(path), "experts_implementation": experts,
+                             "experts_requested": requested}
     tok_path = getattr(model_cfg, "tokenizer", None) or path
     tokenizer = AutoTokenizer.from_pretrained(
         tok_path, trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False))
@@ -340,6 +340,32 @@ def load_policy(model_cfg: Any, *, output_dir: str | os.PathLike, device: str | 
     if tokenizer.pad_token_id is None:  # generation and padding need one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+PROVENANCE_FILE = "gspo_model.json"  # written next to config.json by every gspo save
+
+
+def provenance(model: torch.nn.Module) -> dict[str, Any]:
+    """What `load_policy` recorded about `model` (see there); {} for a model it did not load. Reads through
+    accelerate and peft wrappers (peft forwards attribute lookups to the wrapped model)."""
+    return dict(getattr(_unwrap(model), "gspo_provenance", None) or {})
+
+
+def write_provenance(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write `provenance(model)` as `directory/gspo_model.json` (nothing when there is none)."""
+    info = provenance(model)
+    if info:
+        with open(os.path.join(directory, PROVENANCE_FILE), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+
+
+def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `gspo_model.json` of a saved model folder; {} when it has none."""
+    path = os.path.join(directory, PROVENANCE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def checkpoint_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ import os
 import random
 from typing import Any
 
-from gspo.data import load_rows
+from gspo.data import hf_dataset_options, load_rows
 from gspo.logging import MetricsWriter
 from gspo.registry import STAGES, TASKS
 from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
@@ -38,7 +38,7 @@ def preference_rows(data_cfg: Any, *, seed: int) -> list[dict[str, Any]]:
                              f"do: {', '.join(able) or 'none'}; or give data.path with prompt/chosen/rejected")
         raw = task.preference_rows(data_cfg.num_samples, seed=seed)
     else:
-        raw = load_rows(data_cfg.path, data_cfg.split)
+        raw = load_rows(data_cfg.path, data_cfg.split, **hf_dataset_options(data_cfg))
     col, out = data_cfg.prompt_column, []
     for i, row in enumerate(raw):
         missing = [c for c in (col, "chosen", "rejected") if c not in row]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gspo.data import load_rows
+from gspo.data import hf_dataset_options, load_rows
 from gspo.logging import MetricsWriter
 from gspo.registry import STAGES, TASKS
 from gspo.training import lora
@@ -24,7 +24,7 @@ def sft_rows(data_cfg: Any, *, seed: int) -> list[dict[str, Any]]:
         task = TASKS.get(data_cfg.task)(**dict(data_cfg.task_kwargs or {}))
         raw = task.sft_rows(data_cfg.num_samples, seed=seed)
     else:
-        raw = load_rows(data_cfg.path, data_cfg.split)
+        raw = load_rows(data_cfg.path, data_cfg.split, **hf_dataset_options(data_cfg))
     out = []
     for i, row in enumerate(raw):
         if "messages" in row:

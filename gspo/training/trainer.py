@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from gspo.algorithms import group_advantages, group_reward_stats
-from gspo.data import PromptSampler, build_dataset
+from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
 from gspo.logging import HopTimer, MetricsWriter, format_summary
 from gspo.registry import LOSSES, STAGES
 from gspo.rewards import RewardSet
@@ -41,7 +42,7 @@ from gspo.rollout.base import RolloutBatch, SamplingSpec
 from gspo.training import lora
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.model import load_policy
+from gspo.training.model import load_policy, provenance, write_provenance
 from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
 from gspo.training.optim import build_optimizer
 
@@ -99,7 +100,7 @@ class GSPOTrainer:
         model_cfg = replace(cfg.model, name_or_path=os.path.join(resume, "model"), tiny={}) \
             if resume and not use_lora else cfg.model
         self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
-        self.model_path = self.model.config.gspo_model_path  # where the engine loads the same weights from
+        self.model_path = provenance(self.model)["loaded_from"]  # where the engine loads the same weights from
         # --- LoRA: adapters before router controls and the optimizer, so only adapter parameters train ---
         self.lora_save = cfg.lora.save
         self.lora_metrics: dict[str, float] = {}
@@ -127,6 +128,7 @@ class GSPOTrainer:
         self.columns = [c for c in self.dataset.columns if c != "prompt"]
         self.rewards = RewardSet.from_specs(cfg.rewards, columns=self.columns, base_dir=base_dir)
         self._init_eval()
+        logger.info("%s", describe_prompt_format(self.dataset.rows, cfg.data.chat_template, self.tokenizer))
 
         # Router controls (freeze / fp32) change which parameters train: before the optimizer exists.
         self.moe = MoEMonitor(self.model, cfg.moe)
@@ -201,10 +203,7 @@ class GSPOTrainer:
     # --- hop helpers ------------------------------------------------------------------------------------
 
     def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
-        prompt = row["prompt"]
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_token_ids(self.tokenizer, row["prompt"], self.cfg.data.chat_template)
 
     def _sampling(self) -> SamplingSpec:
         r = self.cfg.rollout
@@ -222,7 +221,8 @@ class GSPOTrainer:
         return completion_logprobs(model or self.model, prompt_ids, ids.to(self.accelerator.device),
                                    mask.to(self.accelerator.device), group_size=1,
                                    pad_token_id=self.tokenizer.pad_token_id,
-                                   temperature=self.cfg.rollout.temperature, prompt_len=prompt_len)
+                                   temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
+                                   top_p=self.cfg.rollout.top_p, prompt_len=prompt_len)
 
     def _trainer_state(self) -> Any:
         """What TRL-style rewards read from `trainer_state` (global_step, max_steps, epoch), plus the rollout."""
@@ -260,13 +260,13 @@ class GSPOTrainer:
                                   columns, trainer_state=self._trainer_state())
 
         with timer("advantages"):
-            adv = group_advantages(result.rewards, g, scale=self.spec.advantage)
+            adv = group_advantages(result.rewards, g, scale=self.spec.advantage, eps=self.cfg.algorithm.adv_eps)
 
         data = RolloutData(batch, rows, result.rewards, adv)
-        with timer("old_logprobs"), self.moe.old_pass(data.layout_mask()):
+        with timer("old_logprobs"), self._inference(), self.moe.old_pass(data.layout_mask()):
             data.old_logp = self._old_logprobs(data)
         if self.cfg.algorithm.beta > 0:
-            with timer("ref_logprobs"), torch.no_grad(), self._reference():
+            with timer("ref_logprobs"), self._inference(), self._reference():
                 data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
 
         with timer("update"):
@@ -292,6 +292,18 @@ class GSPOTrainer:
         self._maybe_write_samples(data)
         return rows_out
 
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """No-grad logprob passes (π_old, reference) run the policy in eval mode: `_update` leaves it in train
+        mode, where dropout (and any train-only behaviour) would make π_old differ from the sampler's π."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
     def _reference(self) -> Any:
         """Context in which `self._logp(..., model=self.ref_model)` is the KL reference's logp."""
         if self.ref_model is None and self.cfg.lora.enabled:
@@ -306,8 +318,7 @@ class GSPOTrainer:
             raise RuntimeError(f"rollout.old_logp_source=engine but engine {self.cfg.rollout.engine!r} returned "
                                "no logprobs")
         if not engine or self.moe.needs_old_routing:
-            with torch.no_grad():
-                data.trainer_logp = self._logp(batch).float().cpu()
+            data.trainer_logp = self._logp(batch).float().cpu()
         return batch.logp.float() if engine else data.trainer_logp
 
     def _update(self, data: RolloutData) -> list[dict[str, Any]]:
@@ -416,6 +427,7 @@ class GSPOTrainer:
         else:
             policy.save_pretrained(final)
             self.tokenizer.save_pretrained(final)
+            write_provenance(policy, final)
         self.engine.close()
         self.accelerator.end_training()
         return final

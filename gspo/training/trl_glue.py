@@ -59,6 +59,7 @@ def train_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> str:
     """Train, then write the model and tokenizer to `output_dir/final` (the stage's artifact; with LoRA the
     merged model there and the adapter in `final_adapter/`, as the rl stage does)."""
     from gspo.training import lora
+    from gspo.training.model import write_provenance
 
     trainer.train()
     final = os.path.join(output_dir, "final")
@@ -68,4 +69,5 @@ def train_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> str:
     else:
         trainer.model.save_pretrained(final)
         tokenizer.save_pretrained(final)
+        write_provenance(trainer.model, final)
     return final
