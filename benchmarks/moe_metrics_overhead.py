@@ -45,7 +45,7 @@ _PRESETS = {
 
 def build(args):
     if args.preset == "tiny":
-        from gspo.training.model import tiny_config
+        from gspo.models.loading import tiny_config
 
         cfg = tiny_config(args.family)
     else:

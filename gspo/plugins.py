@@ -18,7 +18,7 @@ BUILTIN_MODULES = (
     "gspo.data",  # TASKS
     "gspo.rewards",  # the reward contract and REWARDS
     "gspo_rewards",  # built-in reward functions (the repo's rewards/ folder)
-    "gspo.training.model",  # MODEL_FAMILIES
+    "gspo.models.loading",  # MODEL_FAMILIES
     "gspo.training.trainer",  # STAGES["rl"]
     "gspo.training.sft",  # STAGES["sft"]
     "gspo.training.rejection",  # STAGES["rejection_sampling"]

@@ -131,7 +131,7 @@ def test_saved_config_json_is_clean_and_provenance_sits_next_to_it(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from gspo.training.model import PROVENANCE_FILE, load_policy, read_provenance
+    from gspo.models.loading import PROVENANCE_FILE, load_policy, read_provenance
 
     cfg = SimpleNamespace(name_or_path="tiny:qwen3_moe", tokenizer=None, dtype="float32",
                           experts_implementation="auto", attn_implementation=None, trust_remote_code=False,

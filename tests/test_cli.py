@@ -74,10 +74,10 @@ def test_validate_error_exits_2_with_the_key(tmp_path, capsys):
 
 def test_train_with_an_unregistered_stage_is_not_available(tmp_path, capsys, monkeypatch):
     """A stage the config accepts but no runner implements fails loudly instead of succeeding silently."""
-    import gspo.config
+    import gspo.config.schema
     from gspo.registry import STAGES
 
-    monkeypatch.setattr(gspo.config, "KNOWN_STAGES", (*gspo.config.KNOWN_STAGES, "distill"))
+    monkeypatch.setattr(gspo.config.schema, "KNOWN_STAGES", (*gspo.config.KNOWN_STAGES, "distill"))
     assert "distill" not in STAGES
     assert main(["train", config_file(tmp_path, stage="distill")]) == 2
     err = capsys.readouterr().err

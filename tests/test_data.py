@@ -83,7 +83,7 @@ MESSAGES = [{"role": "user", "content": "What is 2+3?"}]
 
 @pytest.fixture(scope="module")
 def tok():
-    from gspo.training.model import build_tokenizer
+    from gspo.models.loading import build_tokenizer
 
     return build_tokenizer()
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gspo.evaluation import pass_at_k, run_eval
+from gspo.training.evaluation import pass_at_k, run_eval
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:

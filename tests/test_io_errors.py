@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gspo.logging import MetricsWriter, read_metrics
 from gspo.training import checkpoint
 from gspo.training.checkpoint import resolve_checkpoint, save_checkpoint
+from gspo.training.metrics_log import MetricsWriter, read_metrics
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
+from gspo.models.loading import build_tiny_model
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.model import build_tiny_model
 
 PAD = 0
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from gspo.models.loading import build_tiny_model, load_policy, provenance
+from gspo.models.lora import apply_lora, check_sync_mode, from_adapter, resolve_targets
 from gspo.moe import find_routers
 from gspo.registry import MODEL_FAMILIES
 from gspo.rollout.base import SamplingSpec
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.lora import apply_lora, check_sync_mode, from_adapter, resolve_targets
-from gspo.training.model import build_tiny_model, load_policy, provenance
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # Per family: Linear targets (attention, and the shared experts where the family has them).
@@ -115,7 +115,7 @@ def test_shared_expert_adapter_round_trips_and_merges(tmp_path):
     targets) stay what the config names; the saved adapter and the merged model both reproduce the policy."""
     from transformers import AutoModelForCausalLM
 
-    from gspo.training.lora import save_lora
+    from gspo.models.lora import save_lora
 
     model, tok = _policy("deepseek_v3", tmp_path)
     targets = ["o_proj", "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
@@ -299,7 +299,7 @@ def test_sft_stage_trains_adapters_only_and_writes_merged_final(tmp_path):
     from conftest import tiny_config
     from safetensors.torch import load_file
 
-    from gspo.training.model import resolve_model_path
+    from gspo.models.loading import resolve_model_path
     from gspo.training.sft import run_sft
 
     cfg = tiny_config("cold_start.yaml", tmp_path / "sft", "lora.enabled=true", "sft.max_steps=5",

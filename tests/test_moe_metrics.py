@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from gspo.config import MoEConfig
+from gspo.models.loading import tiny_config
 from gspo.moe import (
     ROUTER_FAMILIES,
     ExpertHealthTracker,
@@ -21,7 +22,6 @@ from gspo.moe import (
     routing_drift,
     routing_metrics,
 )
-from gspo.training.model import tiny_config
 
 
 def hand_records():

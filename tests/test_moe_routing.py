@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gspo.config import MoEConfig as Cfg  # the trainer passes this config to apply_router_controls
+from gspo.models.loading import tiny_config
 from gspo.moe import (
     RoutingRecorder,
     RoutingRecords,
@@ -17,7 +18,6 @@ from gspo.moe import (
     routing_drift,
     routing_metrics,
 )
-from gspo.training.model import tiny_config
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 

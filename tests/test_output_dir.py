@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gspo.cli import main
-from gspo.run_record import RECORD, check_output_dir, claim_output_dir, note_written
+from gspo.pipeline.run_record import RECORD, check_output_dir, claim_output_dir, note_written
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "recipes", "tiny")

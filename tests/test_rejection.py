@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gspo.evaluation import Scored
+from gspo.training.evaluation import Scored
 from gspo.training.rejection import REASONS, run_rejection_sampling, select
 
 
@@ -85,7 +85,7 @@ def rs_run(warm_model, tmp_path_factory):
 def test_accepted_rows_pass_threshold_are_distinct_and_length_bounded(rs_run):
     from gspo_rewards.synthetic import synthetic_accuracy, synthetic_format
 
-    from gspo.evaluation import load_model_ref
+    from gspo.training.evaluation import load_model_ref
 
     cfg, _, rows, stats = rs_run
     kept = [r for r in rows if r["source"] == "rejection_sampling"]

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from gspo.cli import main
-from gspo.manifest import write_manifest
-from gspo.report import stage_summary, write_report
+from gspo.pipeline.manifest import write_manifest
+from gspo.pipeline.report import stage_summary, write_report
 
 
 def rl_rows(n_rollouts, accuracy, *, moe=False, reward_model=None):

@@ -14,7 +14,7 @@ COMPLETIONS = ["<answer>4</answer>", "hi", [{"role": "assistant", "content": "re
 def checkpoint(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from gspo.training.model import build_tokenizer
+    from gspo.models.loading import build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_rm")
     tokenizer = build_tokenizer(out)

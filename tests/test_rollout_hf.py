@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gspo import rollout
+from gspo.models.loading import build_tiny_model
 from gspo.registry import RegistryError
 from gspo.rollout.base import RolloutEngine, SamplingSpec
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.model import build_tiny_model
 
 BUILD_ARGS = {"dtype": "float32", "seed": 0, "max_model_len": 256, "gpu_memory_utilization": 0.3,
                   "kv_cache_memory_bytes": None, "enforce_eager": True}

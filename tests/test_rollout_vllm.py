@@ -21,10 +21,10 @@ else:
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gspo import rollout
+from gspo.models.loading import build_tiny_model
 from gspo.rollout import vllm_compat
 from gspo.rollout.base import RolloutEngine, SamplingSpec
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.model import build_tiny_model
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
 SPEC = SamplingSpec(n=3, max_new_tokens=10, temperature=1.0, seed=5)

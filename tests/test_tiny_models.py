@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gspo.registry import MODEL_FAMILIES, RegistryError
-from gspo.training.model import (
+from gspo.models.loading import (
     TAG_TOKENS,
     build_tiny_model,
     build_tokenizer,
@@ -20,6 +19,7 @@ from gspo.training.model import (
     load_policy,
     provenance,
 )
+from gspo.registry import MODEL_FAMILIES, RegistryError
 
 ALL_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 

@@ -166,8 +166,8 @@ def test_periodic_evaluation_logs_eval_metrics_equal_to_gspo_eval(warm_model, tm
     they are the numbers `gspo eval` (run_eval) gives for the checkpoint saved at that rollout; the report
     plots them."""
     from gspo.config import load_config
-    from gspo.evaluation import run_eval
-    from gspo.report import make_plots
+    from gspo.pipeline.report import make_plots
+    from gspo.training.evaluation import run_eval
     from gspo.training.trainer import GSPOTrainer
 
     out = tmp_path / "rl"

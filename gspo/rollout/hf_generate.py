@@ -195,7 +195,7 @@ def build_hf_generate(
     if model is None:
         from transformers import AutoModelForCausalLM
 
-        from gspo.training.model import torch_dtype_of
+        from gspo.models.loading import torch_dtype_of
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype_of(dtype, "rollout.dtype"))
         model.requires_grad_(False)

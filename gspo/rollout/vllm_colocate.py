@@ -132,7 +132,7 @@ class VLLMColocateEngine:
     # ----------------------------------------------------------------------------------------- weight sync
     def update_weights(self, model: torch.nn.Module) -> None:
         """All checkpoint-format weights in one reload call, then drop the prefix cache."""
-        from gspo.training.model import checkpoint_state_items
+        from gspo.models.loading import checkpoint_state_items
 
         start = time.perf_counter()
         weights = list(checkpoint_state_items(model))

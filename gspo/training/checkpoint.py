@@ -64,7 +64,7 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint `rollout-<rollout>` atomically and point `latest` at it. Returns its path.
 
-    A LoRA (peft) policy writes `adapter/` and/or `model/` (merged) per `lora_save` (gspo.training.lora).
+    A LoRA (peft) policy writes `adapter/` and/or `model/` (merged) per `lora_save` (gspo.models.lora).
     """
     root = os.path.join(output_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
@@ -123,8 +123,8 @@ def write_error(e: BaseException, path: str) -> BaseException:
 def _write_contents(tmp: str, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     trainer_state: dict[str, Any], lora_save: str) -> None:
     # --- LoRA: adapter/ (what resuming needs) and/or the merged model/ ---
-    from gspo.training.lora import is_lora, save_lora
-    from gspo.training.model import write_provenance
+    from gspo.models.loading import write_provenance
+    from gspo.models.lora import is_lora, save_lora
 
     if is_lora(model):
         save_lora(model, tmp, tokenizer, save=lora_save)

@@ -28,8 +28,8 @@ import random
 from typing import Any
 
 from gspo.data import build_dataset, load_rows
-from gspo.evaluation import Scored, load_model_ref, sample_and_score
 from gspo.registry import STAGES, TASKS
+from gspo.training.evaluation import Scored, load_model_ref, sample_and_score
 
 REASONS = ("truncated", "too_short", "too_long", "below_threshold", "duplicate", "beyond_best_of")
 

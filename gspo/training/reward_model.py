@@ -23,8 +23,8 @@ import random
 from typing import Any
 
 from gspo.data import hf_dataset_options, load_rows
-from gspo.logging import MetricsWriter
 from gspo.registry import STAGES, TASKS
+from gspo.training.metrics_log import MetricsWriter
 from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
 
 
@@ -55,7 +55,7 @@ def build_reward_model(model_cfg: Any, *, seed: int) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from gspo.training.model import TINY_PREFIX, build_tokenizer, tiny_config, torch_dtype_of
+    from gspo.models.loading import TINY_PREFIX, build_tokenizer, tiny_config, torch_dtype_of
 
     dtype = torch_dtype_of(model_cfg.dtype)
     if model_cfg.name_or_path.startswith(TINY_PREFIX):

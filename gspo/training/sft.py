@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from gspo.data import hf_dataset_options, load_rows
-from gspo.logging import MetricsWriter
+from gspo.models import lora
+from gspo.models.loading import load_policy
 from gspo.registry import STAGES, TASKS
-from gspo.training import lora
-from gspo.training.model import load_policy
+from gspo.training.metrics_log import MetricsWriter
 from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
 
 

@@ -13,7 +13,7 @@ Deviations from the GSPO paper (Zheng et al., arXiv 2507.18071), all deliberate:
 - The minibatches of one rollout are a seeded random partition of its N completions (not whole groups),
   as in the paper's "split each rollout batch into minibatches".
 
-With lora.enabled the policy is a peft model (gspo/training/lora.py, docs/lora.md): only adapters train, the
+With lora.enabled the policy is a peft model (gspo/models/lora.py, docs/lora.md): only adapters train, the
 engine gets the merged weights, checkpoints hold adapter/ (+ merged model/), final/ is merged.
 
 Runs on one process (CPU or one GPU). Multi-GPU data parallelism needs a server-mode engine and sharded
@@ -34,15 +34,15 @@ import torch
 
 from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
-from gspo.logging import HopTimer, MetricsWriter, format_summary
+from gspo.models import lora
+from gspo.models.loading import load_policy, provenance, write_provenance
 from gspo.registry import LOSSES, STAGES
 from gspo.rewards import RewardSet
 from gspo.rollout import build_engine
 from gspo.rollout.base import RolloutBatch, SamplingSpec
-from gspo.training import lora
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.model import load_policy, provenance, write_provenance
+from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary
 from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
 from gspo.training.optim import build_optimizer
 
@@ -179,7 +179,7 @@ class GSPOTrainer:
         if not t.eval_every:
             return
         from gspo.config import load_config
-        from gspo.evaluation import eval_rows
+        from gspo.training.evaluation import eval_rows
 
         ev = load_config(t.eval_config) if t.eval_config else self.cfg
         self.eval_cfg, self.eval_rows = ev, eval_rows(ev)
@@ -189,8 +189,8 @@ class GSPOTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """pass@k and mean rewards of the current policy (the engine holds its weights after the sync),
-        as `eval/<key>`; the same numbers as `gspo eval` (gspo.evaluation.summarize)."""
-        from gspo.evaluation import sample_and_score, summarize
+        as `eval/<key>`; the same numbers as `gspo eval` (gspo.training.evaluation.summarize)."""
+        from gspo.training.evaluation import sample_and_score, summarize
 
         ev = self.eval_cfg
         scored = sample_and_score(ev, self.eval_rows, model_path=None, tokenizer=self.tokenizer,

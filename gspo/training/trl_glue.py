@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gspo.logging import MetricsWriter
+from gspo.training.metrics_log import MetricsWriter
 from gspo.training.optim import scheduler_name
 
 
@@ -58,8 +58,8 @@ def metrics_callback(writer: MetricsWriter) -> Any:
 def train_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> str:
     """Train, then write the model and tokenizer to `output_dir/final` (the stage's artifact; with LoRA the
     merged model there and the adapter in `final_adapter/`, as the rl stage does)."""
-    from gspo.training import lora
-    from gspo.training.model import write_provenance
+    from gspo.models import lora
+    from gspo.models.loading import write_provenance
 
     trainer.train()
     final = os.path.join(output_dir, "final")

@@ -374,7 +374,7 @@ def checkpoint_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.
     transformers 5 renames and fuses some weights in memory (e.g. Mixtral's per-expert w1/w2/w3 become
     fused `gate_up_proj`/`down_proj`); `revert_weight_conversion` maps them back, exactly as saving does.
     Tied weights appear once (as saved). Tensors are detached and share storage where no conversion applies.
-    A peft (LoRA) policy yields its merged weights (`gspo.training.lora.merged_state_dict`): a normal checkpoint.
+    A peft (LoRA) policy yields its merged weights (`gspo.models.lora.merged_state_dict`): a normal checkpoint.
     """
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -382,7 +382,7 @@ def checkpoint_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.
     base = _unwrap(model)
     with torch.no_grad():
         # --- LoRA: a peft policy is sent / saved merged (W + ΔW) under the plain model's names. ---
-        from gspo.training.lora import hf_model_of, is_lora, merged_state_dict
+        from gspo.models.lora import hf_model_of, is_lora, merged_state_dict
 
         if is_lora(base):
             state, base = merged_state_dict(base), hf_model_of(base)

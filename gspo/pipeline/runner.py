@@ -24,7 +24,7 @@ Wiring (the default, by stage type; every wired key is printed and stored in the
   `input: {model: S, data: S, reward_model: S}` picks the source stage of each (`from: S` = `model: S`,
   a bare `input: S` too); `null` switches that wiring off, keeping the config's own value.
 
-Evaluation (`eval: true` or `eval: {overrides: [...]}` on a stage): `gspo.evaluation.run_eval` on the stage's
+Evaluation (`eval: true` or `eval: {overrides: [...]}` on a stage): `gspo.training.evaluation.run_eval` on the stage's
 output, with the root `eval.config` (else the stage's own resolved config), the root and stage eval overrides,
 and its `reward_model` rewards wired to the nearest reward_model stage at or before this one.
 
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from gspo.config import Config, ConfigError, apply_overrides, check_config, read_yaml, resolve_relative_paths
-from gspo.manifest import (
+from gspo.pipeline.manifest import (
     changed_keys,
     config_hash,
     git_commit,
@@ -58,8 +58,7 @@ from gspo.manifest import (
     versions,
     write_manifest,
 )
-from gspo.registry import closest
-from gspo.run_record import (
+from gspo.pipeline.run_record import (
     OutputDirError,
     claim_output_dir,
     dir_entries,
@@ -67,6 +66,7 @@ from gspo.run_record import (
     read_record,
     writable_problem,
 )
+from gspo.registry import closest
 
 # Stage types whose output is a policy the next stage can start from.
 POLICY_STAGES = ("sft", "rl")
@@ -344,7 +344,7 @@ def _build(raw: dict[str, Any], overrides: list[str], source: str, pending: list
     resolve_relative_paths(cfg)
     errors = check_config(cfg)
     if not errors:  # the file checks of `gspo validate` (the pipeline manages the stage folders itself)
-        from gspo.preflight import preflight
+        from gspo.pipeline.preflight import preflight
 
         errors = preflight(cfg, output_dir=False, skip=tuple(pending))[0]
     for e in errors:
@@ -462,7 +462,7 @@ def _log(msg: str) -> None:
 def run_eval_for(stage: ResolvedStage, output: str) -> dict[str, Any]:
     """`gspo eval` of a stage's output (its resolved eval config); writes `<stage dir>/eval.json`. Returns its
     numbers (the per-prompt lists left out)."""
-    from gspo.evaluation import run_eval  # lazily: evaluation imports the rollout engines
+    from gspo.training.evaluation import run_eval  # lazily: evaluation imports the rollout engines
 
     assert stage.eval_config is not None
     # model_path: the actual output (the expected path was wired before the stage ran).
@@ -518,9 +518,9 @@ def plan_stage(entry: dict[str, Any], stage: ResolvedStage, *, upstream_ran: boo
 
 def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) -> dict[str, Any]:
     """Run every stage that is not done; returns the manifest. Raises PipelineError / ConfigError."""
+    from gspo.pipeline.report import write_report
     from gspo.plugins import load_builtins
     from gspo.registry import STAGES
-    from gspo.report import write_report
 
     load_builtins()
     procs = _Processes()
@@ -649,7 +649,7 @@ def _record_failure(pipe: Pipeline, entry: dict[str, Any], manifest: dict[str, A
 def _evaluate_and_finish(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifest: dict[str, Any],
                          *, procs: _Processes) -> None:
     """The stage's evaluation (main process only: one engine, one eval.json), then status done."""
-    from gspo.report import stage_summary
+    from gspo.pipeline.report import stage_summary
 
     output = entry.get("output")
     start = time.time()

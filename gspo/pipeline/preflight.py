@@ -6,7 +6,7 @@
     data       a local data file parses (the first bad line named with its number), has rows, every row has
                the prompt column; a synthetic task builds its rows
     rewards    each reward's signature can take the data's columns (the trainer's start-up check, run early)
-    output_dir writable, and safe to write: not another run's or someone else's files (gspo/run_record.py)
+    output_dir writable, and safe to write: not another run's or someone else's files (gspo/pipeline/run_record.py)
     resume_from a finished checkpoint exists (`latest` in output_dir, or the named folder)
 
 `preflight` returns (problems, notes): problems are ConfigErrors (one line each, naming the key), notes are
@@ -84,8 +84,8 @@ def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = (
               ) -> tuple[list[ConfigError], list[str]]:
     """Problems and notes (see the module docstring). `output_dir=False` leaves the folder checks to a caller
     that manages the folder (the pipeline); `skip`: keys whose inputs an earlier pipeline stage writes."""
+    from gspo.pipeline.run_record import check_output_dir
     from gspo.rewards import RewardLoadError, RewardSet
-    from gspo.run_record import check_output_dir
 
     problems: list[ConfigError] = []
     notes: list[str] = []

@@ -11,7 +11,7 @@
   every adapted weight, under the in-memory names WITHOUT peft's `base_model.model.` / `.base_layer` /
   `lora_*` entries. Computed into new tensors: the base weights are never modified (no merge/unmerge
   round-trip, whose rounding would drift the frozen base by an ulp per sync). Weight sync to vLLM and the
-  merged checkpoint both come from it (`gspo.training.model.checkpoint_state_items` calls it for peft models).
+  merged checkpoint both come from it (`gspo.models.loading.checkpoint_state_items` calls it for peft models).
 - `save_lora` / `load_adapter` / `from_adapter`: `adapter/` (peft save_pretrained: adapter_config.json + adapter_model.safetensors)
   and `model/` (the merged model, config + tokenizer: loads with AutoModelForCausalLM and vLLM).
 - `check_sync_mode`: `lora.sync: adapter` is rejected with the measured reason (see the function).
@@ -264,7 +264,7 @@ def save_merged(model: Any, path: str, tokenizer: Any = None) -> str:
     hf.save_pretrained(path, state_dict=merged_state_dict(model))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    from gspo.training.model import write_provenance
+    from gspo.models.loading import write_provenance
 
     write_provenance(hf, path)
     return path

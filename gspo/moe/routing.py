@@ -11,12 +11,12 @@ Four jobs, one per section:
   stay the current router's probabilities at those experts (differentiable, renormalized as the family
   does), so the router keeps its gradient.
 
-Auxiliary losses (`gspo.moe_losses.moe_aux_losses`) are computed from recorded logits and added by the trainer rather
+Auxiliary losses (`gspo.moe.losses.moe_aux_losses`) are computed from recorded logits and added by the trainer rather
 than through transformers' `output_router_logits` path, because that path (a) only adds the loss when
 `labels` are passed, which an RL trainer does not do; (b) copies `router_aux_loss_coef` into the model at
 construction, so changing the config afterwards silently has no effect; (c) counts the router's own top-k,
 not the experts actually used under replay; (d) does not exist for DeepSeek-V3. Metrics over the records
-(load, imbalance, entropy, dead experts, drift) live in `gspo.moe_metrics`; both are re-exported here.
+(load, imbalance, entropy, dead experts, drift) live in `gspo.moe.metrics`; both are re-exported here.
 
 Hooks: each router gets one pre-hook and one forward hook (installed on first use, no-ops while idle)
 that run, in this order, the fp32 cast, the active replay, then every active recorder. A single dispatch
@@ -537,8 +537,8 @@ class RoutingReplay:
 
 
 # Losses and metrics live in their own modules; re-exported so `gspo.moe` is the one import the trainer needs.
-from gspo.moe_losses import load_balancing_loss, moe_aux_losses, router_z_loss
-from gspo.moe_metrics import ExpertHealthTracker, load_per_expert, routing_drift, routing_metrics
+from gspo.moe.losses import load_balancing_loss, moe_aux_losses, router_z_loss
+from gspo.moe.metrics import ExpertHealthTracker, load_per_expert, routing_drift, routing_metrics
 
 __all__ = [
     "REPLAY_MODES",

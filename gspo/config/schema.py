@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
-# Parsing lives in gspo.config_parse; its public names stay importable from here.
-from gspo.config_parse import (  # noqa: F401  (re-exported)
+# Parsing lives in gspo.config.parse; its public names stay importable from here.
+from gspo.config.parse import (  # noqa: F401  (re-exported)
     SHORTHAND_FIELD,
     ConfigError,
     _build,
@@ -327,7 +327,7 @@ class RewardModelConfig:
 
 @dataclass
 class EvalConfig:
-    """`gspo eval` / `gspo.evaluation.run_eval`: n samples per prompt with the rollout engine (rollout
+    """`gspo eval` / `gspo.training.evaluation.run_eval`: n samples per prompt with the rollout engine (rollout
     section: engine, max_new_tokens, temperature, top_p, top_k), scored by `rewards`; writes eval.json."""
 
     num_samples: int = field(default=8, metadata=doc("n: samples per prompt.", ge=1))

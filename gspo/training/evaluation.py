@@ -85,7 +85,7 @@ def load_model_ref(cfg: Any, model_path: str | None = None) -> tuple[str, Any]:
     """(checkpoint directory, tokenizer) of `model_path` or cfg.model (a `tiny:` model is built first)."""
     from transformers import AutoTokenizer
 
-    from gspo.training.model import resolve_model_path
+    from gspo.models.loading import resolve_model_path
 
     m = cfg.model
     path = model_path or resolve_model_path(m.name_or_path, cfg.output_dir, seed=cfg.seed, dtype=m.dtype,

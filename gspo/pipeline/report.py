@@ -22,7 +22,7 @@ import math
 import os
 from typing import Any
 
-from gspo.logging import read_metrics
+from gspo.training.metrics_log import read_metrics
 
 # Column -> (keys looked up in eval.json, substring of a `rewards/<name>/mean` metric).
 COLUMNS = {
@@ -253,7 +253,7 @@ def make_plots(output_dir: str, manifest: dict[str, Any]) -> list[str]:
 
 def write_report(output_dir: str) -> str:
     """(Re)build `<output_dir>/report.md` and the plots from the manifest; returns the plain-text table."""
-    from gspo.manifest import read_manifest
+    from gspo.pipeline.manifest import read_manifest
 
     manifest = read_manifest(output_dir)
     if not manifest:

@@ -81,7 +81,7 @@ class MetricsWriter:
                 self._rewrite(path, rows)
         else:
             # A fresh run starts fresh files; `gspo train` / `gspo pipeline` only get here in a folder that was
-            # empty or whose earlier run was deleted with overwrite=true (gspo/run_record.py). Never silently.
+            # empty or whose earlier run was deleted with overwrite=true (gspo/pipeline/run_record.py). Never silently.
             for path in (self.path, self.samples_path):
                 if os.path.exists(path):
                     logger.warning("a fresh run replaces %s (%d rows of an earlier run)", path,

@@ -1,0 +1,37 @@
+"""Typed run configuration: the schema (`gspo.config.schema`), YAML reading and overrides (`gspo.config.parse`).
+
+The names a caller needs are importable from `gspo.config` itself.
+"""
+
+from gspo.config.parse import (  # noqa: F401
+    SHORTHAND_FIELD,
+    ConfigError,
+    _hints,
+    apply_overrides,
+    public_fields,
+    read_yaml,
+    type_name,
+)
+from gspo.config.schema import (  # noqa: F401
+    DEFAULT_REWARD_TIMEOUT_S,
+    KNOWN_STAGES,
+    AlgorithmConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    LoRAConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    RejectionConfig,
+    RewardModelConfig,
+    RewardSpec,
+    RolloutConfig,
+    SFTConfig,
+    TrainConfig,
+    check_config,
+    load_config,
+    resolve_input_path,
+    resolve_relative_paths,
+)
