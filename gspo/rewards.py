@@ -41,6 +41,10 @@ import torch
 
 from gspo.registry import REWARDS, RegistryError, closest
 
+# A reward call's time limit unless its spec says otherwise: generous for a reward model scoring a large
+# rollout on a GPU, yet a reward that never returns stops the run after minutes, not never.
+DEFAULT_REWARD_TIMEOUT_S = 300.0
+
 # Arguments the trainer itself provides (TRL's names); everything else must be a column or a configured kwarg.
 STANDARD_ARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 ON_ERROR_CHOICES = ("error", "zero", "skip")
@@ -436,8 +440,6 @@ class RewardSet:
             weight = 1.0 if weight is None else weight
             if not isinstance(weight, numbers.Real) or not math.isfinite(weight):
                 raise RewardLoadError(f"reward {name!r} (rewards[{k}]): weight must be a finite number, got {weight!r}")
-            from gspo.config import DEFAULT_REWARD_TIMEOUT_S  # lazily: gspo.config imports this module
-
             # A spec without the key gets the default; only an explicit null turns the limit off.
             has_key = "timeout_s" in spec if isinstance(spec, Mapping) else hasattr(spec, "timeout_s")
             timeout_s = _field(spec, "timeout_s") if has_key else DEFAULT_REWARD_TIMEOUT_S

@@ -3,7 +3,7 @@
 A config is a `Config`: a few top-level keys plus one section per concern (model, data, rollout, algorithm,
 optim, train, moe, lora, sft, logging) and a list of `rewards`. Every field is documented once, next to its
 definition (`metadata["help"]`); `docs/config.md` is generated from these definitions
-(`gspo config-reference` or `python -m gspo.config --markdown`).
+(`gspo config-reference`).
 
 Precedence: field default < YAML file < command-line override. Overrides are `key.sub=value`, the value
 parsed as YAML (`algorithm.clip_high=4e-4`, `lora.target_modules=[q_proj,v_proj]`, `model.tiny.num_experts=8`,
@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,15 +40,13 @@ from gspo.config.parse import (  # noqa: F401  (re-exported)
     type_name,
 )
 from gspo.registry import closest
+from gspo.rewards import DEFAULT_REWARD_TIMEOUT_S
 
 # Stage names a config may name. A stage runs only when its runner is registered in `gspo.registry.STAGES`
 # (`gspo train` says "not available yet" otherwise); registered names are valid too.
 KNOWN_STAGES = ("rl", "sft", "rejection_sampling", "reward_model")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-# A reward call's time limit unless its spec says otherwise: generous for a reward model scoring a large
-# rollout on a GPU, yet a reward that never returns stops the run after minutes, not never.
-DEFAULT_REWARD_TIMEOUT_S = 300.0
 
 
 def doc(help: str, *, required: bool = False, ge: float | None = None, gt: float | None = None,
@@ -672,9 +669,3 @@ def check_config(cfg: Config) -> list[ConfigError]:
         except RewardLoadError as e:
             err(f"rewards.{i}.fn", str(e))
     return errors
-
-
-if __name__ == "__main__":  # python -m gspo.config --markdown > docs/config.md
-    from gspo.cli import main
-
-    raise SystemExit(main(["config-reference", *sys.argv[1:]]))

@@ -22,6 +22,13 @@ from typing import Any
 
 import torch
 
+from gspo.models.provenance import (  # noqa: F401  (re-exported: callers import them from here)
+    PROVENANCE_FILE,
+    _unwrap,
+    provenance,
+    read_provenance,
+    write_provenance,
+)
 from gspo.registry import MODEL_FAMILIES
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,32 +349,6 @@ def load_policy(model_cfg: Any, *, output_dir: str | os.PathLike, device: str | 
     return model, tokenizer
 
 
-PROVENANCE_FILE = "gspo_model.json"  # written next to config.json by every gspo save
-
-
-def provenance(model: torch.nn.Module) -> dict[str, Any]:
-    """What `load_policy` recorded about `model` (see there); {} for a model it did not load. Reads through
-    accelerate and peft wrappers (peft forwards attribute lookups to the wrapped model)."""
-    return dict(getattr(_unwrap(model), "gspo_provenance", None) or {})
-
-
-def write_provenance(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write `provenance(model)` as `directory/gspo_model.json` (nothing when there is none)."""
-    info = provenance(model)
-    if info:
-        with open(os.path.join(directory, PROVENANCE_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
-
-
-def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
-    """The `gspo_model.json` of a saved model folder; {} when it has none."""
-    path = os.path.join(directory, PROVENANCE_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def checkpoint_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights as `(name, tensor)` under the names `save_pretrained` writes.
 
@@ -392,13 +373,6 @@ def checkpoint_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.
         state = remove_tied_weights_from_state_dict(state, base)
         state = revert_weight_conversion(base, state)
     yield from state.items()
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # accelerate / DDP wrappers keep the HF model under `.module`.
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def family_names(predicate: Callable[[TinyFamily], bool] | None = None) -> list[str]:

@@ -264,7 +264,7 @@ def save_merged(model: Any, path: str, tokenizer: Any = None) -> str:
     hf.save_pretrained(path, state_dict=merged_state_dict(model))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    from gspo.models.loading import write_provenance
+    from gspo.models.provenance import write_provenance
 
     write_provenance(hf, path)
     return path

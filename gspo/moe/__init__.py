@@ -1,5 +1,38 @@
 """Mixture-of-Experts support: router discovery, recording and replay (`gspo.moe.routing`), auxiliary losses
-(`gspo.moe.losses`) and expert-health metrics (`gspo.moe.metrics`), importable from `gspo.moe` itself."""
+(`gspo.moe.losses`) and expert-health metrics (`gspo.moe.metrics`), importable from `gspo.moe` itself.
 
-from gspo.moe.routing import *  # noqa: F401,F403
-from gspo.moe.routing import __all__  # noqa: F401
+Layering inside the package: `losses` and `metrics` read `routing`'s records; `routing` imports neither.
+"""
+
+from gspo.moe.losses import load_balancing_loss, moe_aux_losses, router_z_loss
+from gspo.moe.metrics import ExpertHealthTracker, load_per_expert, routing_drift, routing_metrics
+from gspo.moe.routing import (
+    REPLAY_MODES,
+    ROUTER_FAMILIES,
+    RouterFamily,
+    RouterInfo,
+    RoutingRecorder,
+    RoutingRecords,
+    RoutingReplay,
+    apply_router_controls,
+    find_routers,
+)
+
+__all__ = [
+    "REPLAY_MODES",
+    "ROUTER_FAMILIES",
+    "ExpertHealthTracker",
+    "RouterFamily",
+    "RouterInfo",
+    "RoutingRecorder",
+    "RoutingRecords",
+    "RoutingReplay",
+    "apply_router_controls",
+    "find_routers",
+    "load_balancing_loss",
+    "load_per_expert",
+    "moe_aux_losses",
+    "router_z_loss",
+    "routing_drift",
+    "routing_metrics",
+]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # runtime import would be circular: gspo.moe re-exports this module
-    from gspo.moe import RoutingRecords
+    from gspo.moe.routing import RoutingRecords
 
 
 def load_balancing_loss(records: RoutingRecords) -> torch.Tensor:

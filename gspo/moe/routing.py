@@ -16,7 +16,7 @@ than through transformers' `output_router_logits` path, because that path (a) on
 `labels` are passed, which an RL trainer does not do; (b) copies `router_aux_loss_coef` into the model at
 construction, so changing the config afterwards silently has no effect; (c) counts the router's own top-k,
 not the experts actually used under replay; (d) does not exist for DeepSeek-V3. Metrics over the records
-(load, imbalance, entropy, dead experts, drift) live in `gspo.moe.metrics`; both are re-exported here.
+(load, imbalance, entropy, dead experts, drift) live in `gspo.moe.metrics`; `gspo.moe` re-exports all three.
 
 Hooks: each router gets one pre-hook and one forward hook (installed on first use, no-ops while idle)
 that run, in this order, the fp32 cast, the active replay, then every active recorder. A single dispatch
@@ -534,27 +534,3 @@ class RoutingReplay:
         forced = torch.where(forced < 0, own.to(forced.dtype), forced)
         self._last[info.layer] = forced
         return forced
-
-
-# Losses and metrics live in their own modules; re-exported so `gspo.moe` is the one import the trainer needs.
-from gspo.moe.losses import load_balancing_loss, moe_aux_losses, router_z_loss
-from gspo.moe.metrics import ExpertHealthTracker, load_per_expert, routing_drift, routing_metrics
-
-__all__ = [
-    "REPLAY_MODES",
-    "ROUTER_FAMILIES",
-    "ExpertHealthTracker",
-    "RouterFamily",
-    "RouterInfo",
-    "RoutingRecorder",
-    "RoutingRecords",
-    "RoutingReplay",
-    "apply_router_controls",
-    "find_routers",
-    "load_balancing_loss",
-    "load_per_expert",
-    "moe_aux_losses",
-    "router_z_loss",
-    "routing_drift",
-    "routing_metrics",
-]
