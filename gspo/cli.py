@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help=overrides_help)
     r = sub.add_parser("report", help="rebuild a pipeline run's report.md, plots and per-stage table")
     r.add_argument("output_dir")
+    sub.add_parser("stages", help="print the registered stages as a markdown table (docs/stages.md has it)")
     sub.add_parser("config-reference", help="print the config reference as markdown").add_argument(
         "--markdown", action="store_true", help="(default) markdown output")
     return p
@@ -78,13 +79,10 @@ def _preflight(cfg: Config) -> int:
 
 def summary(cfg: Config) -> str:
     """A short resolved view: the facts a user checks before spending GPU time (those of its stage)."""
-    from gspo.registry import LOSSES, STAGES
+    from gspo.registry import STAGES
 
-    a, r = cfg.algorithm, cfg.rollout
-    low, high = cfg.clip_range()
-    default = " (algorithm default)" if a.clip_low is None and a.clip_high is None else ""
-    k = cfg.optimizer_steps_per_rollout
-    runner = "" if cfg.stage in STAGES else "  [no runner registered: `gspo train` is not available yet]"
+    spec = STAGES.get(cfg.stage)  # load_config checked the name
+    runner = "" if spec.runner else "  [no runner registered: `gspo train` is not available yet]"
     lines = [
         f"stage:      {cfg.stage}{runner}",
         f"model:      {cfg.model.name_or_path} ({cfg.model.dtype}, experts={cfg.model.experts_implementation}"
@@ -92,31 +90,7 @@ def summary(cfg: Config) -> str:
         "data:       " + (f"task {cfg.data.task} ({cfg.data.num_samples} rows)" if cfg.data.task
                            else f"{cfg.data.path} [{cfg.data.split}]"),
     ]
-    sampling = (f"rollout:    {r.engine}, {r.prompts_per_step} prompts x {r.group_size} completions = "
-                f"{cfg.completions_per_rollout} per call, <= {r.max_new_tokens} new tokens, "
-                f"dtype {cfg.rollout_dtype}")
-    if cfg.stage == "rl":
-        lines += [
-            sampling,
-            (f"algorithm:  {a.name} ({LOSSES.get(a.name).level} level), "
-             f"clip range [1 - {low:g}, 1 + {high:g}]{default}")
-            + (f", beta {a.beta:g} ({a.kl_estimator})" if a.beta > 0 else ""),
-            f"updates:    {k} optimizer steps per rollout ({a.num_minibatches} minibatches of "
-            f"{cfg.completions_per_rollout // a.num_minibatches} completions x {a.num_epochs} epoch(s))"
-            + ("  [on-policy: ratio = 1, clipping never fires]" if k == 1 else ""),
-            (f"length:     {cfg.train.num_rollouts} rollouts = {cfg.total_optimizer_steps} optimizer steps, "
-             f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})"),
-        ]
-    elif cfg.stage == "rejection_sampling":
-        rc = cfg.rejection
-        accept = (f"accept:     summed reward >= {rc.min_reward}, best_of {rc.best_of or 'all'}, "
-                  f"dedup {rc.dedup}, tokens {rc.min_tokens}..{rc.max_tokens or 'any'}")
-        lines += [sampling, accept]
-    elif cfg.stage in ("sft", "reward_model"):
-        sec = cfg.sft if cfg.stage == "sft" else cfg.reward_model
-        steps = f"{sec.max_steps} steps" if sec.max_steps > 0 else f"{sec.num_epochs:g} epoch(s)"
-        lines.append(f"length:     {steps}, batch {sec.batch_size}, max_length {sec.max_length}, "
-                     f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})")
+    lines += spec.summary(cfg) if spec.summary else []
     lines += [
         "rewards:    " + (", ".join(f"{s.name or s.fn} x {s.weight:g}" for s in cfg.rewards) or "(none)"),
         f"output_dir: {cfg.output_dir}" + (f" (resume from {cfg.resume_from})" if cfg.resume_from else ""),
@@ -149,9 +123,10 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(f"{args.config!r} is a pipeline file (it has `stages:`); run it with "
                      f"`gspo pipeline {args.config}`")
     cfg = load_config(args.config, args.overrides)
-    if cfg.stage not in STAGES:
+    spec = STAGES.get(cfg.stage)  # load_config checked the name
+    if spec.runner is None:
         return _fail(f"stage {cfg.stage!r} is not available yet (stages with a runner: "
-                     f"{', '.join(STAGES.names()) or 'none'})")
+                     f"{', '.join(n for n, s in STAGES.items() if s.runner) or 'none'})")
     problems = _preflight(cfg)  # the same checks as `gspo validate`, before any model loads
     if problems:
         return problems
@@ -165,7 +140,7 @@ def _train(args: argparse.Namespace) -> int:
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(cfg.to_yaml())
     try:
-        result = STAGES.get(cfg.stage)(cfg)
+        result = spec.runner(cfg)
     finally:
         note_written(cfg.output_dir)
     if result:
@@ -319,6 +294,21 @@ def config_reference() -> str:
     return "\n".join(out)
 
 
+def stages_table() -> str:
+    """The markdown table of every registered stage, generated from its `StageSpec` (in docs/stages.md)."""
+    from gspo.plugins import load_builtins
+    from gspo.registry import STAGES
+
+    load_builtins()
+    rows = ["| stage | what it does | config sections | consumes | artifact |", "|---|---|---|---|---|"]
+    for name, s in STAGES.items():
+        sections = ", ".join(f"`{x}`" for x in s.sections) or "-"
+        consumes = ", ".join(s.consumes) or "-"
+        rows.append(f"| `{name}` | {s.help} | {sections} | {consumes} | {s.produces or '-'}: "
+                    f"`OUTPUT_DIR/{s.output}` |")
+    return "\n".join(rows)
+
+
 class _StderrHandler(logging.Handler):
     """Writes to the sys.stderr of the moment (a StreamHandler keeps the one it was created with)."""
 
@@ -354,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "stages":
+            print(stages_table())
+            return 0
         print(config_reference(), end="")
         return 0
     except (ConfigError, OutputDirError) as e:

@@ -8,6 +8,7 @@ call. No module here imports vLLM at import time (the vLLM engine imports it whe
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 
 # Every module that registers something. Order: cheap math first, the trainer (transformers) last.
@@ -19,11 +20,10 @@ BUILTIN_MODULES = (
     "gspo.rewards",  # the reward contract and REWARDS
     "gspo_rewards",  # built-in reward functions (the repo's rewards/ folder)
     "gspo.models.loading",  # MODEL_FAMILIES
-    "gspo.training.trainer",  # STAGES["rl"]
-    "gspo.training.sft",  # STAGES["sft"]
-    "gspo.training.rejection",  # STAGES["rejection_sampling"]
-    "gspo.training.reward_model",  # STAGES["reward_model"]
 )
+# Every module of these packages is imported too: a stage is added by dropping a module that registers its
+# StageSpec into gspo/training/ (rl: trainer.py, sft.py, rejection.py, reward_model.py), nothing else.
+BUILTIN_PACKAGES = ("gspo.training",)
 
 _loaded = False
 
@@ -33,7 +33,11 @@ def load_builtins() -> None:
     global _loaded
     if _loaded:
         return
-    for name in BUILTIN_MODULES:
+    names = list(BUILTIN_MODULES)
+    for package in BUILTIN_PACKAGES:
+        path = importlib.import_module(package).__path__
+        names += sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules(path))
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -84,4 +85,33 @@ ROLLOUT_ENGINES: Registry[Any] = Registry("rollout engine")
 REWARDS: Registry[Callable[..., Any]] = Registry("reward function")
 TASKS: Registry[Any] = Registry("task")
 MODEL_FAMILIES: Registry[Any] = Registry("tiny model family")
-STAGES: Registry[Callable[..., Any]] = Registry("stage")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage `gspo train` and `gspo pipeline` can run, registered in `STAGES` by the module of its runner.
+
+    Everything that differs between stages is here, so adding a stage is registering one spec: the pipeline
+    wires inputs from `consumes` / `produces` / `output`, `gspo validate` prints `summary(cfg)`, the config
+    checks read `needs_rewards`, preflight reads `data_rows`, and docs/stages.md's table is generated from
+    the registered specs (`gspo stages`).
+
+    Artifact kinds: "policy" (a model folder the next policy stage starts from), "data" (an SFT data file),
+    "reward_model" (a reward model folder, wired into `reward_model` rewards).
+    """
+
+    name: str
+    runner: Callable[[Any], str] | None  # fn(cfg) -> the artifact's path; None: accepted, nothing runs yet
+    help: str  # one line for docs/stages.md
+    sections: tuple[str, ...] = ()  # the config sections the stage reads (besides model, data, rewards)
+    consumes: tuple[str, ...] = ()  # artifact kinds wired from the nearest earlier producer in a pipeline
+    produces: str | None = None  # the kind of artifact its runner returns
+    output: str = "final"  # the artifact's path in the stage's output_dir (known before the stage has run)
+    needs_rewards: bool = False  # a config of this stage without `rewards` is an error
+    # The rows preflight checks (prompt format, reward columns) without loading a model: fn(cfg) -> rows, or
+    # None (not checkable here). Unset: the `data` section's rows (gspo.data.build_dataset).
+    data_rows: Callable[[Any], list[dict[str, Any]] | None] | None = None
+    summary: Callable[[Any], list[str]] | None = None  # `gspo validate`'s lines about this stage's settings
+
+
+STAGES: Registry[StageSpec] = Registry("stage")

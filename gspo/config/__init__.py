@@ -14,7 +14,6 @@ from gspo.config.parse import (  # noqa: F401
 )
 from gspo.config.schema import (  # noqa: F401
     DEFAULT_REWARD_TIMEOUT_S,
-    KNOWN_STAGES,
     AlgorithmConfig,
     Config,
     DataConfig,

@@ -5,7 +5,7 @@ from gspo.pipeline.runner import (  # noqa: F401
     Pipeline,
     PipelineError,
     ResolvedStage,
-    StageSpec,
+    StageEntry,
     check_pipeline_dirs,
     describe,
     is_pipeline_file,

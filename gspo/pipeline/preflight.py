@@ -20,12 +20,11 @@ import re
 from typing import Any
 
 from gspo.config import Config, ConfigError
+from gspo.registry import STAGES
 
 # A Hugging Face Hub repo id: `name` or `org/name` (letters, digits, - _ .). A local path that does not exist
 # but looks like this may be a Hub id, and transformers will treat it as one.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Stages whose rewards are called with the dataset's columns.
-REWARD_STAGES = ("rl", "rejection_sampling")
 
 
 def _model_path_problem(key: str, value: str, notes: list[str]) -> ConfigError | None:
@@ -51,12 +50,9 @@ def _data_rows(cfg: Config) -> list[dict[str, Any]] | None:
     d = cfg.data
     if d.path is not None and not os.path.exists(os.path.expanduser(d.path)):
         return None  # a Hub dataset id (a missing local file is check_config's error)
-    if cfg.stage == "sft":
-        from gspo.training.sft import sft_rows
-
-        return sft_rows(d, seed=cfg.seed)
-    if cfg.stage == "reward_model":
-        return None  # preference pairs: the stage's own loader names its problems
+    spec = STAGES.get(cfg.stage)  # check_config checked the name
+    if spec.data_rows is not None:
+        return spec.data_rows(cfg)
     from gspo.data import build_dataset
 
     return build_dataset(d, seed=cfg.seed).rows
@@ -104,7 +100,7 @@ def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = (
             rows = _data_rows(cfg)
         except (ValueError, TypeError, KeyError, OSError) as e:
             problems.append(ConfigError(f"{key}: {e}", key))
-    if rows is not None and cfg.stage in REWARD_STAGES and cfg.rewards:
+    if rows is not None and STAGES.get(cfg.stage).needs_rewards and cfg.rewards:
         columns = sorted({c for r in rows for c in r} - {"prompt"})
         base_dir = os.path.dirname(os.path.abspath(cfg.source_path)) if cfg.source_path else None
         specs = [r for i, r in enumerate(cfg.rewards) if f"rewards.{i}.kwargs.model_path" not in skip]

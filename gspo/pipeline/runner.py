@@ -66,15 +66,12 @@ from gspo.pipeline.run_record import (
     read_record,
     writable_problem,
 )
-from gspo.registry import closest
+from gspo.registry import STAGES, StageSpec, closest
 
-# Stage types whose output is a policy the next stage can start from.
-POLICY_STAGES = ("sft", "rl")
-# Stage types whose `model.name_or_path` is wired to the previous policy by default.
-MODEL_CONSUMERS = ("sft", "rl", "rejection_sampling")
-# Where a stage's output will be before it has run (dry runs, validation); after a run the manifest holds
-# the path the stage's runner returned, and that one is wired.
-EXPECTED_OUTPUT = {"sft": "final", "rl": "final", "reward_model": "final", "rejection_sampling": "data.jsonl"}
+# What each stage type consumes and produces comes from its `gspo.registry.StageSpec`.
+# Artifact kinds that feed only the first consumer after their producer: rejection-sampled data is the SFT data
+# of the next `sft` stage, not of every later one. (A policy or a reward model feeds every later consumer.)
+CONSUMED_ONCE = ("data",)
 ROOT_KEYS = ("name", "output_dir", "overwrite", "eval", "stages")
 ROOT_EVAL_KEYS = ("config", "overrides")
 STAGE_KEYS = ("name", "config", "overrides", "input", "eval")
@@ -87,7 +84,7 @@ INPUT_KEYS = ("model", "data", "reward_model")
 
 
 @dataclass
-class StageSpec:
+class StageEntry:
     """One entry of `stages:`; `config` is an absolute path, `overrides` include the command line's."""
 
     name: str
@@ -99,9 +96,11 @@ class StageSpec:
 
 @dataclass
 class Pipeline:
+    """A loaded pipeline file: its name, output folder, stages in order and the `eval:` settings."""
+
     name: str
     output_dir: str
-    stages: list[StageSpec]
+    stages: list[StageEntry]
     source_path: str | None = None
     eval_config: str | None = None  # absolute path; None = each stage's own config
     eval_overrides: list[str] = field(default_factory=list)
@@ -203,7 +202,7 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     names = [s.get("name") if isinstance(s, dict) else None for s in raw_stages]
     root, per_stage = split_overrides(list(overrides), [n for n in names if isinstance(n, str)])
     data = apply_overrides({k: v for k, v in data.items() if k != "stages"}, root)
-    stages: list[StageSpec] = []
+    stages: list[StageEntry] = []
     for i, raw in enumerate(raw_stages):
         where = f"stages.{i}"
         if not isinstance(raw, dict):
@@ -230,7 +229,7 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
         if not isinstance(file_overrides, list) or not all(isinstance(x, str) for x in file_overrides):
             raise ConfigError(f"{path}: {where}.overrides must be a list of key=value strings",
                               f"{where}.overrides")
-        stages.append(StageSpec(
+        stages.append(StageEntry(
             name=name, config=config_path, overrides=list(file_overrides) + per_stage.get(name, []),
             input=_parse_input(raw.get("input"), f"{where}.input", names[:i]),
             eval=_parse_eval(raw.get("eval"), f"{where}.eval")))
@@ -274,7 +273,9 @@ def _parse_root_eval(raw: Any, base: str, path: str) -> tuple[str | None, list[s
 
 @dataclass
 class ResolvedStage:
-    spec: StageSpec
+    """A pipeline stage ready to run: its entry, its type, its checked config with the wiring applied."""
+
+    spec: StageEntry
     type: str
     config: Config
     wiring: dict[str, dict[str, str]]  # key -> {"from": stage, "value": path}
@@ -283,7 +284,7 @@ class ResolvedStage:
     eval_wiring: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def _stage_type(spec: StageSpec) -> str:
+def _stage_type(spec: StageEntry) -> str:
     data = apply_overrides(read_yaml(spec.config), spec.overrides)
     return str(data.get("stage", Config().stage))
 
@@ -292,26 +293,42 @@ def _yaml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a YAML string: paths with ':' or '#' stay intact
 
 
-def _nearest(types: list[str], names: list[str], i: int, wanted: tuple[str, ...],
-             stop: tuple[str, ...] = ()) -> str | None:
+def _stage_spec(stage_type: str) -> StageSpec | None:
+    return STAGES.get(stage_type) if stage_type in STAGES else None  # unknown: check_config names it
+
+
+def _produces(stage_type: str) -> str | None:
+    spec = _stage_spec(stage_type)
+    return spec.produces if spec else None
+
+
+def _consumes(stage_type: str) -> tuple[str, ...]:
+    spec = _stage_spec(stage_type)
+    return spec.consumes if spec else ()
+
+
+def _nearest(types: list[str], names: list[str], i: int, kind: str) -> str | None:
+    """The nearest stage before stage i that produces `kind`; for a CONSUMED_ONCE kind, none past an earlier
+    stage that consumes it too."""
     for j in range(i - 1, -1, -1):
-        if types[j] in wanted:
+        if _produces(types[j]) == kind:
             return names[j]
-        if types[j] in stop:
+        if kind in CONSUMED_ONCE and kind in _consumes(types[j]):
             return None
     return None
 
 
 def _sources(pipe: Pipeline, types: list[str], i: int,
              reward_model_rewards: list[int]) -> dict[str, str | None]:
-    """Source stage of each input of stage i: explicit `input:` first, else the defaults by type."""
-    names, spec, t = pipe.names(), pipe.stages[i], types[i]
+    """Source stage of each input of stage i: explicit `input:` first, else the nearest earlier producer of
+    each artifact kind its StageSpec consumes."""
+    names, entry, consumes = pipe.names(), pipe.stages[i], _consumes(types[i])
     default: dict[str, str | None] = {
-        "model": _nearest(types, names, i, POLICY_STAGES) if t in MODEL_CONSUMERS else None,
-        "data": _nearest(types, names, i, ("rejection_sampling",), stop=("sft",)) if t == "sft" else None,
-        "reward_model": _nearest(types, names, i, ("reward_model",)) if reward_model_rewards else None,
+        "model": _nearest(types, names, i, "policy") if "policy" in consumes else None,
+        "data": _nearest(types, names, i, "data") if "data" in consumes else None,
+        "reward_model": _nearest(types, names, i, "reward_model") if reward_model_rewards else None,
     }
-    default.update(spec.input)
+    default.update(entry.input)
     return default
 
 
@@ -360,13 +377,17 @@ def resolve_stages(pipe: Pipeline, outputs: dict[str, str] | None = None) -> lis
     Raises ConfigError listing every problem of every stage (prefixed `stage <name>:`). A wired input whose
     artifact does not exist yet is fine (the stage before it will write it).
     """
+    from gspo.plugins import load_builtins
+
+    load_builtins()  # the StageSpecs say what each stage type consumes and produces
     outputs = outputs or {}
     names, types = pipe.names(), [_stage_type(s) for s in pipe.stages]
 
     def output_of(stage: str) -> str:
         # Absolute, like the outputs a finished stage records: the wiring reads the same before and after.
+        spec = _stage_spec(types[names.index(stage)])
         return outputs.get(stage) or os.path.abspath(os.path.join(
-            pipe.stage_dir(stage), EXPECTED_OUTPUT.get(types[names.index(stage)], "final")))
+            pipe.stage_dir(stage), spec.output if spec else "final"))
 
     resolved: list[ResolvedStage] = []
     problems: list[str] = []
@@ -395,8 +416,8 @@ def resolve_stages(pipe: Pipeline, outputs: dict[str, str] | None = None) -> lis
             # reward_model reward scores with the nearest reward model trained at or before this stage.
             base = read_yaml(pipe.eval_config) if pipe.eval_config else cfg.to_dict()
             ev_wiring = {"model.name_or_path": {"from": spec.name, "value": output_of(spec.name)}}
-            rm_source = (spec.name if types[i] == "reward_model"
-                         else _nearest(types, names, i, ("reward_model",)))
+            rm_source = (spec.name if _produces(types[i]) == "reward_model"
+                         else _nearest(types, names, i, "reward_model"))
             ev_rm = _reward_model_indices(apply_overrides(base, pipe.eval_overrides + spec.eval))
             if ev_rm and rm_source is None:
                 problems.append(f"stage {spec.name!r}: its eval uses a `reward_model` reward but no "
@@ -520,7 +541,6 @@ def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) ->
     """Run every stage that is not done; returns the manifest. Raises PipelineError / ConfigError."""
     from gspo.pipeline.report import write_report
     from gspo.plugins import load_builtins
-    from gspo.registry import STAGES
 
     load_builtins()
     procs = _Processes()
@@ -528,10 +548,10 @@ def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) ->
     previous = {s["name"]: s for s in manifest.get("stages", [])}
     outputs = {n: e["output"] for n, e in previous.items() if _done(e)}
     resolved = resolve_stages(pipe, outputs)  # everything is checked before anything runs
-    missing = sorted({st.type for st in resolved if st.type not in STAGES})
+    missing = sorted({st.type for st in resolved if STAGES.get(st.type).runner is None})
     if missing:
         raise PipelineError(f"no runner registered for stage type(s) {', '.join(missing)} (stages with a "
-                            f"runner: {', '.join(STAGES.names())})")
+                            f"runner: {', '.join(n for n, s in STAGES.items() if s.runner)})")
     if procs.main:
         check_pipeline_dirs(pipe, [st.config.output_dir for st in resolved])
         _log(describe(pipe, resolved))
@@ -565,7 +585,6 @@ def run_pipeline(pipe: Pipeline, *, rerun: bool = False, report: bool = True) ->
 
 def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifest: dict[str, Any], *,
                resume: bool, env: dict[str, Any], procs: _Processes) -> None:
-    from gspo.registry import STAGES
 
     cfg = st.config
     if resume:
@@ -600,7 +619,7 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
     procs.barrier()
     start = time.time()
     try:
-        output = STAGES.get(st.type)(cfg)
+        output = STAGES.get(st.type).runner(cfg)
     except BaseException as e:
         if procs.main:
             note_written(cfg.output_dir)

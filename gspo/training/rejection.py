@@ -28,8 +28,9 @@ import random
 from typing import Any
 
 from gspo.data import build_dataset, load_rows
-from gspo.registry import STAGES, TASKS
+from gspo.registry import STAGES, TASKS, StageSpec
 from gspo.training.evaluation import Scored, load_model_ref, sample_and_score
+from gspo.training.summary import sampling_line
 
 REASONS = ("truncated", "too_short", "too_long", "below_threshold", "duplicate", "beyond_best_of")
 
@@ -98,7 +99,6 @@ def _as_prompt_completion(row: dict[str, Any], path: str, i: int) -> dict[str, A
                      f"with an assistant turn; columns: {', '.join(sorted(row))}")
 
 
-@STAGES.register("rejection_sampling")
 def run_rejection_sampling(cfg: Any) -> str:
     rc, out = cfg.rejection, cfg.output_dir
     os.makedirs(out, exist_ok=True)
@@ -149,3 +149,17 @@ def run_rejection_sampling(cfg: Any) -> str:
 def _mean(values: list[float]) -> float | None:
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else None
+
+
+def _summary(cfg: Any) -> list[str]:
+    rc = cfg.rejection
+    return [sampling_line(cfg),
+            (f"accept:     summed reward >= {rc.min_reward}, best_of {rc.best_of or 'all'}, "
+             f"dedup {rc.dedup}, tokens {rc.min_tokens}..{rc.max_tokens or 'any'}")]
+
+
+STAGES.register("rejection_sampling", StageSpec(
+    name="rejection_sampling", runner=run_rejection_sampling,
+    help="sample k answers per prompt, keep the good ones, write an SFT dataset",
+    sections=("rejection", "rollout"), consumes=("policy",), produces="data", output="data.jsonl",
+    needs_rewards=True, summary=_summary))

@@ -23,8 +23,9 @@ import random
 from typing import Any
 
 from gspo.data import hf_dataset_options, load_rows
-from gspo.registry import STAGES, TASKS
+from gspo.registry import STAGES, TASKS, StageSpec
 from gspo.training.metrics_log import MetricsWriter
+from gspo.training.summary import length_line
 from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
 
 
@@ -95,7 +96,6 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], *
     return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
-@STAGES.register("reward_model")
 def run_reward_model(cfg: Any) -> str:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -133,3 +133,11 @@ def run_reward_model(cfg: Any) -> str:
     with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
         json.dump({"model": final, **metrics}, f, indent=1)
     return final
+
+
+STAGES.register("reward_model", StageSpec(
+    name="reward_model", runner=run_reward_model,
+    help="train a sequence-classification reward model on preference pairs with TRL's RewardTrainer",
+    sections=("reward_model", "optim"), produces="reward_model", output="final",
+    data_rows=lambda cfg: None,  # preference pairs: the stage's own loader names its problems
+    summary=lambda cfg: [length_line(cfg, cfg.reward_model)]))

@@ -13,8 +13,9 @@ from typing import Any
 from gspo.data import hf_dataset_options, load_rows
 from gspo.models import lora
 from gspo.models.loading import load_policy
-from gspo.registry import STAGES, TASKS
+from gspo.registry import STAGES, TASKS, StageSpec
 from gspo.training.metrics_log import MetricsWriter
+from gspo.training.summary import length_line
 from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
 
 
@@ -38,7 +39,6 @@ def sft_rows(data_cfg: Any, *, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-@STAGES.register("sft")
 def run_sft(cfg: Any) -> str:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -62,3 +62,11 @@ def run_sft(cfg: Any) -> str:
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(cfg.data, seed=cfg.seed)),
                          processing_class=tokenizer, callbacks=[metrics_callback(MetricsWriter(out))])
     return train_and_save(trainer, tokenizer, out)
+
+
+STAGES.register("sft", StageSpec(
+    name="sft", runner=run_sft,
+    help="supervised fine-tuning on TRL's SFTTrainer (cold start, general SFT, SFT on rejection-sampled data)",
+    sections=("sft", "optim", "lora"), consumes=("policy", "data"), produces="policy", output="final",
+    data_rows=lambda cfg: sft_rows(cfg.data, seed=cfg.seed),
+    summary=lambda cfg: [length_line(cfg, cfg.sft)]))

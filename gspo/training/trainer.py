@@ -1,4 +1,4 @@
-"""GSPOTrainer: one RL step = the hops of design.md, each timed.
+"""GSPOTrainer: one RL step = the hops of docs/architecture.md, each timed.
 
     prompts -> rollout -> rewards -> advantages -> old logprobs -> loss + k minibatch updates -> weight sync
 
@@ -36,7 +36,7 @@ from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
 from gspo.models import lora
 from gspo.models.loading import load_policy, provenance, write_provenance
-from gspo.registry import LOSSES, STAGES
+from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
 from gspo.rollout import build_engine
 from gspo.rollout.base import RolloutBatch, SamplingSpec
@@ -45,6 +45,7 @@ from gspo.training.logprobs import completion_logprobs
 from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary
 from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
 from gspo.training.optim import build_optimizer
+from gspo.training.summary import sampling_line
 
 logger = logging.getLogger("gspo.trainer")
 
@@ -77,6 +78,10 @@ def _repeat(values: list[Any], g: int) -> list[Any]:
 
 
 class GSPOTrainer:
+    """The `rl` stage's loop: owns the policy (full or LoRA), its optimizer, the rollout engine, the reward set
+    and the MoE monitor; `train()` runs `train.num_rollouts` calls of `step()` with checkpoints and returns
+    the path of the final model. Built from a checked `Config` (everything it needs is in it)."""
+
     def __init__(self, cfg: Any) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -433,7 +438,30 @@ class GSPOTrainer:
         return final
 
 
-@STAGES.register("rl")
 def run_rl(cfg: Any) -> str:
     """The `rl` stage: GSPO (or a baseline named by algorithm.name) on the configured rewards."""
     return GSPOTrainer(cfg).train()
+
+
+def _summary(cfg: Any) -> list[str]:
+    a = cfg.algorithm
+    low, high = cfg.clip_range()
+    default = " (algorithm default)" if a.clip_low is None and a.clip_high is None else ""
+    k = cfg.optimizer_steps_per_rollout
+    return [
+        sampling_line(cfg),
+        (f"algorithm:  {a.name} ({LOSSES.get(a.name).level} level), "
+         f"clip range [1 - {low:g}, 1 + {high:g}]{default}")
+        + (f", beta {a.beta:g} ({a.kl_estimator})" if a.beta > 0 else ""),
+        f"updates:    {k} optimizer steps per rollout ({a.num_minibatches} minibatches of "
+        f"{cfg.completions_per_rollout // a.num_minibatches} completions x {a.num_epochs} epoch(s))"
+        + ("  [on-policy: ratio = 1, clipping never fires]" if k == 1 else ""),
+        (f"length:     {cfg.train.num_rollouts} rollouts = {cfg.total_optimizer_steps} optimizer steps, "
+         f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})"),
+    ]
+
+
+STAGES.register("rl", StageSpec(
+    name="rl", runner=run_rl, help="GSPO (or a baseline loss) on the configured rewards",
+    sections=("rollout", "algorithm", "optim", "train", "moe", "lora"), consumes=("policy",),
+    produces="policy", output="final", needs_rewards=True, summary=_summary))
