@@ -18,6 +18,8 @@ from gspo.registry import TASKS
 
 @dataclass
 class PromptDataset:
+    """A stage's prompts: one dict per row with a `prompt` and the dataset's other columns (passed to rewards)."""
+
     rows: list[dict[str, Any]]
 
     @property

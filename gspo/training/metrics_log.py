@@ -1,6 +1,6 @@
 """Timers, the metrics file, trackers, progress and completion samples.
 
-`OUTPUT_DIR/metrics.jsonl` gets one JSON object per optimizer step (design.md's public contract);
+`OUTPUT_DIR/metrics.jsonl` gets one JSON object per optimizer step (a public contract, docs/architecture.md);
 `OUTPUT_DIR/samples.jsonl` gets a few completions with their rewards every `logging.sample_every` rollouts.
 """
 

@@ -59,6 +59,10 @@ class _Minibatch:
 
 
 class MoEMonitor:
+    """The trainer's one handle on MoE routing (the `moe` config section): records routing during the π_old
+    pass and each update, replays it when `moe.routing_replay` asks, and turns the records into auxiliary
+    losses, drift and expert-health metrics. On a dense model every method is a cheap no-op."""
+
     def __init__(self, model: torch.nn.Module, moe_cfg: Any) -> None:
         self.cfg = moe_cfg
         self.model = model
