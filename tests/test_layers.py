@@ -22,7 +22,7 @@ def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.Comple
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, check=False,
                           timeout=120)
 
 
