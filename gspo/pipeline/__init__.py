@@ -1,19 +1,20 @@
-"""Multi-stage runs: the pipeline file and its runner (`gspo.pipeline.runner`), the manifest, the run report,
-the output-folder record and the checks before a run. The runner's public names are importable from here."""
+"""Multi-stage runs: the pipeline file (`pipeline_file`), the wiring of each stage's inputs (`wiring`), the
+runner (`runner`), the manifest, the run report, the output-folder record and the checks before a run. The
+names a caller needs are importable from here."""
 
-from gspo.pipeline.runner import (  # noqa: F401
+from gspo.pipeline.pipeline_file import (  # noqa: F401
     Pipeline,
-    PipelineError,
-    ResolvedStage,
     StageEntry,
-    check_pipeline_dirs,
-    describe,
     is_pipeline_file,
     load_pipeline,
+    split_overrides,
+)
+from gspo.pipeline.runner import (  # noqa: F401
+    PipelineError,
+    check_pipeline_dirs,
     plan_stage,
-    resolve_stages,
     run_eval_for,
     run_pipeline,
-    split_overrides,
     validate_pipeline,
 )
+from gspo.pipeline.wiring import ResolvedStage, describe, resolve_stages  # noqa: F401
