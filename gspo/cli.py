@@ -17,8 +17,9 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
+
+from pydantic import BaseModel
 
 from gspo.config import Config, ConfigError, RewardSpec, load_config, public_fields, type_name
 from gspo.pipeline.run_record import OutputDirError, claim_output_dir, note_written
@@ -211,9 +212,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _fmt_default(f: Any) -> str:
-    if f.default_factory is not MISSING:
+    if f.default_factory is not None:
         value = f.default_factory()
-        if is_dataclass(value):
+        if isinstance(value, BaseModel):
             return ""
     else:
         value = f.default
@@ -233,15 +234,13 @@ def _fmt_default(f: Any) -> str:
 
 
 def _table(cls: type, prefix: str) -> list[str]:
-    from gspo.config import _hints
-
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for f in public_fields(cls):
         bounds = f.metadata.get("bounds", {})
         extra = " ".join(f"({'≥' if op == 'ge' else '>' if op == 'gt' else '≤' if op == 'le' else '<'} {v})"
                          for op, v in bounds.items())
         help_text = f.metadata["help"] + (f" {extra}" if extra else "")
-        rows.append(f"| `{prefix}{f.name}` | {type_name(_hints(cls)[f.name]).replace('|', '&#124;')} | "
+        rows.append(f"| `{prefix}{f.name}` | {type_name(f.annotation).replace('|', '&#124;')} | "
                     f"{_fmt_default(f)} | {help_text.replace('|', '&#124;')} |")
     return rows
 
@@ -280,7 +279,7 @@ def config_reference() -> str:
     sections = []
     top = []
     for f in public_fields(Config):
-        if f.default_factory is not MISSING and is_dataclass(f.default_factory()):
+        if f.default_factory is not None and isinstance(f.default_factory(), BaseModel):
             sections.append(f)
         elif f.name != "rewards":
             top.append(f)
@@ -288,7 +287,7 @@ def config_reference() -> str:
     out += [rows[0], rows[1]] + [r for r, f in zip(rows[2:], public_fields(Config)) if f in top] + [""]
     for f in sections:
         out += [f"## `{f.name}`", "", f.metadata["help"], ""] + _table(f.default_factory, f"{f.name}.") + [""]
-    rewards = next(f for f in fields(Config) if f.name == "rewards")
+    rewards = next(f for f in public_fields(Config) if f.name == "rewards")
     out += ["## `rewards`", "", rewards.metadata["help"] + " " + (RewardSpec.__doc__ or ""),
             "Each item:", ""] + _table(RewardSpec, "rewards.N.") + [""]
     return "\n".join(out)

@@ -364,7 +364,7 @@ def test_docs_mention_every_key():
         keys = value if isinstance(value, dict) and section not in ("rewards",) else {}
         for key in keys:
             assert f"`{section}.{key}`" in doc
-    for key in RewardSpec().__dataclass_fields__:
+    for key in RewardSpec.model_fields:
         assert f"`rewards.N.{key}`" in doc
 
 

@@ -6,7 +6,6 @@ The names a caller needs are importable from `gspo.config` itself.
 from gspo.config.parse import (  # noqa: F401
     SHORTHAND_FIELD,
     ConfigError,
-    _hints,
     apply_overrides,
     public_fields,
     read_yaml,

@@ -1,25 +1,33 @@
-"""Reading configs: YAML files, `key.sub=value` overrides and typed construction of the config dataclasses.
+"""Reading configs: YAML files, `key.sub=value` overrides, and the pydantic base of the config sections.
 
-`gspo.config` defines the sections (dataclasses whose fields carry their documentation and bounds); this module
-turns plain data into them: `read_yaml` (rejects duplicate keys), `apply_overrides` (values parsed as YAML, list
-items by index, a bare-string list item expanded to its mapping form), `build_section` (type coercion and bounds,
-every problem collected as a `ConfigError` naming the dotted key) and `to_plain` (back to YAML-safe data).
-Every public name is re-exported by `gspo.config`.
+`gspo.config.schema` defines the sections (`Section` subclasses whose fields carry their documentation and
+bounds, `field(..., metadata=doc(...))`); this module turns plain data into them: `read_yaml` (rejects
+duplicate keys), `apply_overrides` (values parsed as YAML, list items by index, a bare-string list item
+expanded to its mapping form) and `build` (pydantic validation; every problem becomes a `ConfigError`
+naming the dotted key, the expected type or choices, the closest valid key and the value given).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
-import sys
 import types
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticUndefined
 
 from gspo.registry import closest
 
@@ -75,7 +83,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 # List items that may be written as a bare string, and the key the string stands for.
 _SHORTHAND = {"rewards": "fn"}
-# Dataclasses that may be written as a bare string, and the field the string fills (config.py fills it:
+# Sections that may be written as a bare string, and the field the string fills (schema.py fills it:
 # RewardSpec -> "fn").
 SHORTHAND_FIELD: dict[type, str] = {}
 
@@ -150,50 +158,198 @@ def _raise(errors: list[ConfigError]) -> None:
     raise ConfigError(f"{len(errors)} config errors:\n{lines}", errors[0].key, keys)
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+# Sections are pydantic models: pydantic checks types (strictly: no bool for an int, no number for a str),
+# bounds, finiteness and unknown keys (extra="forbid"), and reports every problem at once. What is written
+# here is only what pydantic cannot know: the lenient spellings YAML and the command line produce
+# (`_lenient`), our error messages (`_message`), and non-empty required keys (`_required`).
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
-    return _HINTS[cls]
+def doc(help: str, *, required: bool = False, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None) -> dict[str, Any]:
+    """A field's metadata: its one-place documentation, and bounds on numeric values (None is not bounded)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return {"help": help, "required": required, "bounds": bounds}
 
 
-def public_fields(cls: type) -> list[Any]:
-    return [f for f in fields(cls) if not f.metadata.get("internal")]
+def field(*, metadata: dict[str, Any], default: Any = PydanticUndefined, default_factory: Any = None) -> Any:
+    """A section field: its default, its documentation and bounds (`doc(...)`), as a pydantic Field."""
+    return Field(default=default, default_factory=default_factory, description=metadata["help"],
+                 json_schema_extra={"required": metadata["required"]}, **metadata["bounds"])
 
 
-def _build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
-    """Instantiate dataclass `cls` from `data`, appending every problem to `errors` (defaults stand in)."""
-    where = f"section {prefix!r}" if prefix else "the top level"
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, types are strict but for `_lenient`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=False)
+
+    def check(self) -> list[tuple[str, str]]:
+        """The section's own rules across its fields: (key within the section, problem); `check_config`
+        prefixes the section's name. Types, bounds and unknown keys are pydantic's, before this runs."""
+        return []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {SHORTHAND_FIELD[cls]: data} if isinstance(data, str) and cls in SHORTHAND_FIELD else data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _lenient_value(cls, value: Any, info: ValidationInfo) -> Any:
+        return _lenient(value, cls.model_fields[info.field_name].annotation)
+
+
+BOUND_ORDER = ("ge", "gt", "le", "lt")
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One documented field of a section, as the config reference prints it."""
+
+    name: str
+    annotation: Any
+    metadata: dict[str, Any]
+    default: Any
+    default_factory: Any
+
+
+def public_fields(cls: type) -> list[FieldDoc]:
+    out = []
+    for name, f in cls.model_fields.items():
+        ops = [(type(m).__name__.lower(), m) for m in f.metadata]  # annotated_types.Ge(ge=1), ...
+        bounds = {op: getattr(m, op) for op, m in sorted((x for x in ops if x[0] in BOUND_ORDER),
+                                                          key=lambda x: BOUND_ORDER.index(x[0]))}
+        meta = {"help": f.description or "", "required": (f.json_schema_extra or {}).get("required", False),
+                "bounds": bounds}
+        default = None if f.default is PydanticUndefined else f.default
+        out.append(FieldDoc(name, f.annotation, meta, default, f.default_factory))
+    return out
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _optional_inner(tp: Any) -> Any:
+    """X for `X | None`, else None."""
+    if get_origin(tp) in (Union, types.UnionType):
+        return next(a for a in get_args(tp) if a is not type(None))
+    return None
+
+
+def _lenient(value: Any, tp: Any) -> Any:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        # `key=None` on the command line arrives as the text "None": for an optional field it means null (a
+        # model or tokenizer literally named "None" is far less likely than this slip).
+        if value is None or (isinstance(value, str) and value in _NULL_WORDS):
+            return None
+        tp = inner
+    numeric_text = isinstance(value, str) and _NUMBER.fullmatch(value.strip())
+    if tp is int and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if numeric_text and float(value).is_integer():  # "4e9" (PyYAML reads it as a string)
+            return int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else int(float(value))
+    if tp is float and not isinstance(value, bool) and (isinstance(value, int) or numeric_text):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-6 as a string
+    if get_origin(tp) is list and isinstance(value, str) and not _is_section(get_args(tp)[0]):
+        return [value]  # `logging.trackers=wandb` means [wandb]
+    return value
+
+
+def _annotation_at(cls: type, loc: list[Any]) -> tuple[Any, int]:
+    """The annotation at `loc` (field names and list indices) below section `cls`, and how many parts of
+    `loc` it consumed (pydantic adds parts like '[key]' below a value)."""
+    tp: Any = cls
+    for n, part in enumerate(loc):
+        tp = _optional_inner(tp) or tp
+        if _is_section(tp) and isinstance(part, str) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+        elif get_origin(tp) is list and isinstance(part, int):
+            tp = get_args(tp)[0]
+        else:
+            return tp, n
+    return tp, len(loc)
+
+
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+           "less_than": ("lt", "<")}
+
+
+def _message(cls: type, err: dict[str, Any]) -> ConfigError:
+    """Our wording of one pydantic error: the dotted key, what was expected, the value given."""
+    loc = list(err["loc"])
+    kind, value = err["type"], err["input"]
+    if kind == "extra_forbidden":
+        owner, _ = _annotation_at(cls, loc[:-1])
+        owner = _optional_inner(owner) or owner
+        prefix = ".".join(map(str, loc[:-1]))
+        key = ".".join(map(str, loc))
+        known = list(owner.model_fields)
+        where = f"section {prefix!r}" if prefix else "the top level"
+        hint = closest(str(loc[-1]), known)
+        msg = f"unknown key {key!r}"
+        if hint:
+            msg += f" (did you mean {(prefix + '.' if prefix else '') + hint!r}?)"
+        return ConfigError(f"{msg}; valid keys in {where}: {', '.join(known)}", key)
+    tp, used = _annotation_at(cls, loc)
+    key = ".".join(map(str, loc[:used]))
+    if used < len(loc):  # below a value (a dict's key): the value as a whole is wrong
+        value = _value_at(err, used)
+    tp = _optional_inner(tp) or tp
+    if kind in _BOUNDS:
+        op, sign = _BOUNDS[kind]
+        return ConfigError(f"{key}: must be {sign} {err['ctx'][op]}, got {value!r}", key)
+    if kind == "finite_number":
+        return ConfigError(f"{key}: expected a finite float, got {value!r}", key)
+    if kind == "literal_error":
+        choices = [str(a) for a in get_args(tp)]
+        hint = closest(str(value), choices)
+        return ConfigError(f"{key}: {value!r} is not one of: {', '.join(choices)}"
+                           + (f" (did you mean {hint!r}?)" if hint else ""), key)
+    if _is_section(tp) and kind in ("model_type", "dict_type", "model_attributes_type"):
+        return ConfigError(f"{key}: expected a mapping of the keys of section {key!r}, got {_describe(value)}", key)
+    if tp is str:
+        return ConfigError(f"{key}: expected str, got {_describe(value)} (quote it in YAML to pass text)", key)
+    return ConfigError(f"{key}: expected {type_name(tp)}, got {_describe(value)}", key)
+
+
+def _value_at(err: dict[str, Any], used: int) -> Any:
+    value = err.get("_data")
+    for part in err["loc"][:used]:
+        value = value[part]
+    return value
+
+
+def _required(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> None:
+    """Required keys must be non-empty, also when their section is absent."""
     if not isinstance(data, dict):
-        errors.append(ConfigError(f"{prefix or 'config'}: expected a mapping of the keys of {where}, got "
-                                  f"{_describe(data)}", prefix or None))
-        return cls()
-    known = {f.name: f for f in public_fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in known:
-            hint = closest(str(name), list(known))
-            msg = f"unknown key {key!r}"
-            if hint:
-                msg += f" (did you mean {(prefix + '.' if prefix else '') + hint!r}?)"
-            errors.append(ConfigError(f"{msg}; valid keys in {where}: {', '.join(known)}", key))
-            continue
-        try:
-            kwargs[name] = _check_bounds(_coerce(value, _hints(cls)[name], key, errors), known[name], key)
-        except ConfigError as e:
-            errors.append(e)
-    for name, f in known.items():
-        tp = _hints(cls)[name]
-        if name not in data and is_dataclass(tp):  # an absent section still has required keys
-            kwargs[name] = _build(tp, {}, f"{prefix}.{name}" if prefix else name, errors)
-        if f.metadata.get("required") and not kwargs.get(name):
-            key = f"{prefix}.{name}" if prefix else name
-            if not any(e.key == key for e in errors):
-                errors.append(ConfigError(f"{key} is required: {f.metadata['help']}", key))
-    return cls(**kwargs)
+        return
+    for f in public_fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = f.annotation
+        if _is_section(tp):
+            _required(tp, data.get(f.name, {}), key, errors)
+        elif get_origin(tp) is list and _is_section(get_args(tp)[0]) and isinstance(data.get(f.name), list):
+            for i, item in enumerate(data[f.name]):
+                item = {SHORTHAND_FIELD[get_args(tp)[0]]: item} if isinstance(item, str) else item
+                _required(get_args(tp)[0], item, f"{key}.{i}", errors)
+        elif f.metadata["required"] and not data.get(f.name) and not any(e.key == key for e in errors):
+            errors.append(ConfigError(f"{key} is required: {f.metadata['help']}", key))
+
+
+def build(cls: type, data: Any) -> Any:
+    """A checked section `cls` from plain data; raises one ConfigError listing every problem."""
+    errors: list[ConfigError] = []
+    try:
+        obj = cls.model_validate(data)
+    except ValidationError as e:
+        obj = None
+        for err in e.errors(include_url=False):
+            errors.append(_message(cls, {**err, "_data": data}))
+    _required(cls, data, "", errors)
+    _raise(errors)
+    return obj
 
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -218,95 +374,3 @@ def type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, errors: list[ConfigError]) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    bad = ConfigError(f"{key}: expected {type_name(tp)}, got {_describe(value)}", key)
-    if origin in (Union, types.UnionType):  # always `X | None` here
-        inner = next(a for a in args if a is not type(None))
-        # `key=None` on the command line arrives as the text "None": for an optional field it means null (a
-        # model or tokenizer literally named "None" is far less likely than this slip).
-        if value is None or (isinstance(value, str) and value in _NULL_WORDS):
-            return None
-        return _coerce(value, inner, key, errors)
-    if value is None:
-        raise bad
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        hint = closest(str(value), [str(a) for a in args])
-        raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(map(str, args))}"
-                          + (f" (did you mean {hint!r}?)" if hint else ""), key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # "4e9" (PyYAML reads it as a string)
-            number = float(value)
-            if number.is_integer():
-                return int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else int(number)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        # YAML 1.1 (PyYAML) reads 1e-6 as a string: accept numeric strings.
-        numeric_text = isinstance(value, str) and _NUMBER.fullmatch(value.strip())
-        if not isinstance(value, (int, float)) and not numeric_text:
-            raise bad
-        number = float(value)
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite float, got {value!r}", key)
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected str, got {_describe(value)} (quote it in YAML to pass text)", key)
-    if origin is dict or tp is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
-        raise bad
-    if origin is list:
-        if isinstance(value, str) and not is_dataclass(args[0]):
-            value = [value]  # `logging.trackers=wandb` means [wandb]
-        if not isinstance(value, list):
-            raise bad
-        out = []
-        for i, item in enumerate(value):
-            try:
-                out.append(_coerce(item, args[0], f"{key}.{i}", errors))
-            except ConfigError as e:
-                errors.append(e)
-        return out
-    if is_dataclass(tp):
-        if isinstance(value, str) and tp in SHORTHAND_FIELD:
-            value = {SHORTHAND_FIELD[tp]: value}
-        return _build(tp, value, key, errors)
-    raise bad  # a field type this module does not handle: a bug here, not in the config
-
-
-def _check_bounds(value: Any, f: Any, key: str) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for op, limit in f.metadata.get("bounds", {}).items():
-            ok = {"ge": value >= limit, "gt": value > limit, "le": value <= limit, "lt": value < limit}[op]
-            if not ok:
-                sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
-                raise ConfigError(f"{key}: must be {sign} {limit}, got {value!r}", key)
-    return value
-
-
-def _to_plain(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in public_fields(type(obj))}
-    if isinstance(obj, list | tuple):
-        return [_to_plain(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj

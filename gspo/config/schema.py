@@ -21,23 +21,21 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
+from pydantic import PrivateAttr
 
-# Parsing lives in gspo.config.parse; its public names stay importable from here.
-from gspo.config.parse import (  # noqa: F401  (re-exported)
+from gspo.config.parse import (
     SHORTHAND_FIELD,
     ConfigError,
-    _build,
-    _hints,
+    Section,
     _raise,
-    _to_plain,
     apply_overrides,
-    public_fields,
+    build,
+    doc,
+    field,
     read_yaml,
-    type_name,
 )
 from gspo.registry import closest
 from gspo.rewards import DEFAULT_REWARD_TIMEOUT_S
@@ -45,15 +43,7 @@ from gspo.rewards import DEFAULT_REWARD_TIMEOUT_S
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-def doc(help: str, *, required: bool = False, ge: float | None = None, gt: float | None = None,
-        le: float | None = None, lt: float | None = None) -> dict[str, Any]:
-    """A field's metadata: its one-place documentation, and bounds on numeric values (None is not bounded)."""
-    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    return {"help": help, "required": required, "bounds": bounds}
-
-
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The policy model (and the reference model when algorithm.beta > 0)."""
 
     name_or_path: str = field(default="", metadata=doc(
@@ -78,8 +68,7 @@ class ModelConfig:
         "with a `tiny:` model."))
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Prompts. Exactly one of `task` and `path`."""
 
     task: str | None = field(default=None, metadata=doc(
@@ -106,9 +95,17 @@ class DataConfig:
     task_kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
         "Keyword arguments of the synthetic task."))
 
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if (self.task is None) == (self.path is None):
+            out.append(("task" if self.task is None else "path", ("set exactly one of data.task (a synthetic task) "
+                        f"and data.path (a JSONL file or dataset id); got task={self.task!r}, path={self.path!r}")))
+        if self.path is not None and _looks_local(self.path) and not os.path.exists(os.path.expanduser(self.path)):
+            out.append(("path", f"local file {self.path!r} does not exist (cwd: {os.getcwd()})"))
+        return out
 
-@dataclass
-class RolloutConfig:
+
+class RolloutConfig(Section):
     """Sampling: B = prompts_per_step prompts, G = group_size completions each, N = B * G per rollout."""
 
     engine: str = field(default="vllm_colocate", metadata=doc(
@@ -143,8 +140,7 @@ class RolloutConfig:
         "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU)."))
 
 
-@dataclass
-class AlgorithmConfig:
+class AlgorithmConfig(Section):
     """The policy loss and how each rollout is used."""
 
     name: str = field(default="gspo", metadata=doc(
@@ -174,8 +170,7 @@ class AlgorithmConfig:
         "Bound on |log ratio| before exponentiating, so one sequence cannot turn the batch into NaN.", gt=0))
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW and the learning-rate schedule."""
 
     lr: float = field(default=1e-6, metadata=doc(
@@ -190,8 +185,7 @@ class OptimConfig:
         "Schedule after warm-up."))
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Length of an RL run and its checkpoints."""
 
     num_rollouts: int = field(default=100, metadata=doc(
@@ -208,9 +202,13 @@ class TrainConfig:
         "(e.g. recipes/tiny/eval.yaml; relative to this config's folder); null = this config's own (`eval.seed` "
         "makes a synthetic task draw other prompts than training)."))
 
+    def check(self) -> list[tuple[str, str]]:
+        if self.eval_config is not None and not os.path.isfile(os.path.expanduser(self.eval_config)):
+            return [("eval_config", f"file {self.eval_config!r} does not exist (cwd: {os.getcwd()})")]
+        return []
 
-@dataclass
-class MoEConfig:
+
+class MoEConfig(Section):
     """Mixture-of-Experts options."""
 
     aux_loss_coef: float = field(default=0.0, metadata=doc(
@@ -228,9 +226,15 @@ class MoEConfig:
         "Routing Replay: `r2` replays pi_old's experts in the trainer; `r3` (replay the engine's experts) is "
         "refused until an engine returns its routed experts (docs/moe.md)."))
 
+    def check(self) -> list[tuple[str, str]]:
+        if self.routing_replay == "r3":
+            return [("routing_replay", ("r3 replays the rollout engine's routed experts, and no engine here "
+                     "returns them (vLLM 0.32 does only with its V2 model runner, GPU + Triton, not wired yet); "
+                     "use r2"))]
+        return []
 
-@dataclass
-class LoRAConfig:
+
+class LoRAConfig(Section):
     """LoRA adapters (peft)."""
 
     enabled: bool = field(default=False, metadata=doc("Train LoRA adapters instead of all weights."))
@@ -249,9 +253,17 @@ class LoRAConfig:
         "What checkpoints hold: the adapter (`adapter/`, needed to resume), the merged model (`model/`), or "
         "both. The stage's `final/` is always the merged model, `final_adapter/` the adapter."))
 
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if self.target_parameters and not self.enabled:
+            out.append(("target_parameters", "is set but lora.enabled is false; set lora.enabled: true or remove it"))
+        if self.enabled and self.target_parameters and self.dropout > 0:
+            out.append(("dropout", ("must be 0 with lora.target_parameters (peft has no dropout for parameter "
+                        "adapters)")))
+        return out
 
-@dataclass
-class SFTConfig:
+
+class SFTConfig(Section):
     """The `sft` stage (TRL SFTTrainer)."""
 
     num_epochs: float = field(default=1.0, metadata=doc("Epochs over the SFT data.", gt=0))
@@ -265,8 +277,7 @@ class SFTConfig:
         "Loss on completion tokens only (not the prompt)."))
 
 
-@dataclass
-class RejectionConfig:
+class RejectionConfig(Section):
     """The `rejection_sampling` stage. Sampling follows the `rollout` section: k = rollout.group_size
     completions per prompt, rollout.prompts_per_step prompts per engine call, rollout.max_new_tokens,
     temperature, top_p, top_k; each completion is scored by `rewards` (weighted sum)."""
@@ -297,9 +308,20 @@ class RejectionConfig:
     mix_ratio: float = field(default=0.0, metadata=doc(
         "General rows added per accepted row (0.5 = one general row for every two accepted).", ge=0))
 
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            out.append(("max_tokens", f"{self.max_tokens} < rejection.min_tokens={self.min_tokens}"))
+        if self.mix_ratio > 0 and (self.mix_path is None) == (self.mix_task is None):
+            out.append(("mix_path", ("rejection.mix_ratio > 0 needs the general SFT data: set exactly one of "
+                        "rejection.mix_path and rejection.mix_task (got mix_path="
+                        f"{self.mix_path!r}, mix_task={self.mix_task!r})")))
+        if self.mix_path and _looks_local(self.mix_path) and not os.path.exists(os.path.expanduser(self.mix_path)):
+            out.append(("mix_path", f"local file {self.mix_path!r} does not exist (cwd: {os.getcwd()})"))
+        return out
 
-@dataclass
-class RewardModelConfig:
+
+class RewardModelConfig(Section):
     """The `reward_model` stage (TRL RewardTrainer). Pairs come from `data`: a task with preference_rows()
     (e.g. `add_concise`) or a JSONL / HF dataset with prompt, chosen, rejected columns. The model starts from
     model.name_or_path: `tiny:<family>` builds a tiny sequence-classification model (num_labels=1) from
@@ -318,8 +340,7 @@ class RewardModelConfig:
         "Pull scores toward mean zero (TRL; Eisenstein et al. 2023 Eq. 2 suggest 0.01); null = off.", ge=0))
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """`gspo eval` / `gspo.training.evaluation.run_eval`: n samples per prompt with the rollout engine (rollout
     section: engine, max_new_tokens, temperature, top_p, top_k), scored by `rewards`; writes eval.json."""
 
@@ -337,9 +358,12 @@ class EvalConfig:
         "Seed of a synthetic task's evaluation rows and of sampling (differs from the training seed so a "
         "task draws other prompts)."))
 
+    def check(self) -> list[tuple[str, str]]:
+        return [(f"k.{i}", f"pass@{k} needs 1 <= k <= eval.num_samples={self.num_samples}")
+                for i, k in enumerate(self.k) if not 1 <= k <= self.num_samples]
 
-@dataclass
-class RewardSpec:
+
+class RewardSpec(Section):
     """One reward function. In YAML a bare string is shorthand for `{fn: <string>}`."""
 
     fn: str = field(default="", metadata=doc(
@@ -362,8 +386,7 @@ class RewardSpec:
 SHORTHAND_FIELD[RewardSpec] = "fn"  # `rewards: [synthetic_accuracy]` = `rewards: [{fn: synthetic_accuracy}]`
 
 
-@dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     """Metrics, samples and trackers. metrics.jsonl is always written."""
 
     log_every: int = field(default=1, metadata=doc("Log metrics every this many optimizer steps.", ge=1))
@@ -376,8 +399,7 @@ class LoggingConfig:
     project: str = field(default="gspo", metadata=doc("Tracker project name."))
 
 
-@dataclass
-class Config:
+class Config(Section):
     """A whole run: top-level keys, one section per concern, the reward functions."""
 
     stage: str = field(default="rl", metadata=doc(
@@ -412,22 +434,29 @@ class Config:
         "Reward functions, summed with their weights (at least one for stage `rl`)."))
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=doc(LoggingConfig.__doc__))
     # Where the config was read from (not a config key): relative reward files resolve against its folder.
-    source_path: str | None = field(default=None, compare=False, repr=False, metadata={"internal": True})
+    _source_path: str | None = PrivateAttr(default=None)
+
+    @property
+    def source_path(self) -> str | None:
+        return self._source_path
+
+    @source_path.setter
+    def source_path(self, value: str | None) -> None:
+        self._source_path = value
+
+    def __eq__(self, other: object) -> bool:  # the keys only, not where they were read from
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
 
     # -- construction ----------------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
         """Build from a nested dict (as read from YAML) and `key.sub=value` overrides; checks keys, types."""
-        data = apply_overrides(data, overrides)
-        errors: list[ConfigError] = []
-        cfg = _build(cls, data, "", errors)
-        _raise(errors)
-        return cfg
+        return build(cls, apply_overrides(data, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of every key (YAML-safe); `Config.from_dict(cfg.to_dict()) == cfg`."""
-        return _to_plain(self)
+        return self.model_dump(mode="python", warnings=False)  # validate() reports bad values itself
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=110)
@@ -539,7 +568,8 @@ def _resolve(registry: Any, name: str, key: str, errors: list[ConfigError]) -> A
 
 
 def check_config(cfg: Config) -> list[ConfigError]:
-    """Every rule that spans fields or needs a registry; returns the problems (empty = valid)."""
+    """Each section's own rules (`Section.check`), then the rules across sections and the registry names;
+    returns the problems (empty = valid)."""
     errors: list[ConfigError] = []
 
     def err(key: str, msg: str) -> None:
@@ -551,26 +581,16 @@ def check_config(cfg: Config) -> list[ConfigError]:
         err("algorithm.num_minibatches", "rollout.prompts_per_step * rollout.group_size = "
             f"{r.prompts_per_step} * {r.group_size} = {n} completions do not split into {k} equal "
             "minibatches; choose algorithm.num_minibatches among the divisors of that product")
-    if cfg.lora.target_parameters and not cfg.lora.enabled:
-        err("lora.target_parameters", "is set but lora.enabled is false; set lora.enabled: true or remove it")
-    if cfg.moe.routing_replay == "r3":
-        err("moe.routing_replay", "r3 replays the rollout engine's routed experts, and no engine here returns "
-            "them (vLLM 0.32 does only with its V2 model runner, GPU + Triton, not wired yet); use r2")
-    if cfg.lora.enabled and cfg.lora.target_parameters and cfg.lora.dropout > 0:
-        err("lora.dropout", "must be 0 with lora.target_parameters (peft has no dropout for parameter adapters)")
+    for name in Config.model_fields:  # each section's own rules
+        section = getattr(cfg, name)
+        if isinstance(section, Section):
+            errors += [ConfigError(f"{name}.{key}: {msg}", f"{name}.{key}") for key, msg in section.check()]
     is_tiny = m.name_or_path.startswith("tiny:")
     if m.tiny and not is_tiny:
         err("model.tiny", f"only applies to a `tiny:<family>` model, not {m.name_or_path!r}")
-    if (d.task is None) == (d.path is None):
-        err("data.task" if d.task is None else "data.path", "set exactly one of data.task (a synthetic task) "
-            f"and data.path (a JSONL file or dataset id); got task={d.task!r}, path={d.path!r}")
-    if d.path is not None and _looks_local(d.path) and not os.path.exists(os.path.expanduser(d.path)):
-        err("data.path", f"local file {d.path!r} does not exist (cwd: {os.getcwd()})")
     if cfg.resume_from not in (None, "latest") and not os.path.isdir(cfg.resume_from):
         err("resume_from", f"checkpoint directory {cfg.resume_from!r} does not exist (or use `latest`)")
     t = cfg.train
-    if t.eval_config is not None and not os.path.isfile(os.path.expanduser(t.eval_config)):
-        err("train.eval_config", f"file {t.eval_config!r} does not exist (cwd: {os.getcwd()})")
     if t.eval_every and t.eval_config is None and not cfg.rewards:
         err("train.eval_every", "the evaluation scores with rewards and this config has none; set "
             "train.eval_config to an eval config (e.g. recipes/tiny/eval.yaml)")
@@ -578,16 +598,6 @@ def check_config(cfg: Config) -> list[ConfigError]:
     if cfg.stage == "rejection_sampling" and rs.min_reward is None and rs.best_of == 0:
         err("rejection.min_reward", "with rejection.best_of: 0 every sample would be accepted; set a threshold "
             "(rejection.min_reward) and/or rejection.best_of")
-    if rs.max_tokens is not None and rs.max_tokens < rs.min_tokens:
-        err("rejection.max_tokens", f"{rs.max_tokens} < rejection.min_tokens={rs.min_tokens}")
-    if rs.mix_ratio > 0 and (rs.mix_path is None) == (rs.mix_task is None):
-        err("rejection.mix_path", "rejection.mix_ratio > 0 needs the general SFT data: set exactly one of "
-            f"rejection.mix_path and rejection.mix_task (got mix_path={rs.mix_path!r}, mix_task={rs.mix_task!r})")
-    if rs.mix_path and _looks_local(rs.mix_path) and not os.path.exists(os.path.expanduser(rs.mix_path)):
-        err("rejection.mix_path", f"local file {rs.mix_path!r} does not exist (cwd: {os.getcwd()})")
-    for i, k_i in enumerate(cfg.eval.k):
-        if not 1 <= k_i <= cfg.eval.num_samples:
-            err(f"eval.k.{i}", f"pass@{k_i} needs 1 <= k <= eval.num_samples={cfg.eval.num_samples}")
     from gspo.rewards import reward_name
 
     names = [reward_name(s) for s in cfg.rewards]

@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -102,7 +102,7 @@ class GSPOTrainer:
         use_lora = cfg.lora.enabled
         # A resumed run loads the checkpoint's weights as a plain HF directory (the engine loads the same).
         # A LoRA run keeps its frozen base (cfg.model) and resumes the adapter instead (below).
-        model_cfg = replace(cfg.model, name_or_path=os.path.join(resume, "model"), tiny={}) \
+        model_cfg = cfg.model.model_copy(update={"name_or_path": os.path.join(resume, "model"), "tiny": {}}) \
             if resume and not use_lora else cfg.model
         self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
         self.model_path = provenance(self.model)["loaded_from"]  # where the engine loads the same weights from
