@@ -12,13 +12,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gspo import rollout
+from gspo.config import RolloutConfig
 from gspo.models.loading import build_tiny_model
 from gspo.registry import RegistryError
 from gspo.rollout.base import RolloutEngine, SamplingSpec
 from gspo.training.logprobs import completion_logprobs
 
-BUILD_ARGS = {"dtype": "float32", "seed": 0, "max_model_len": 256, "gpu_memory_utilization": 0.3,
-                  "kv_cache_memory_bytes": None, "enforce_eager": True}
+HF = RolloutConfig(engine="hf_generate")
+
+
+def run_inputs(path, tok, model=None):
+    return rollout.EngineInputs(path, tok, dtype="float32", seed=0, max_model_len=256, model=model)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def setup(tmp_path_factory):
     path = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("hf_engine"))
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    engine = rollout.build_engine("hf_generate", model_path=path, tokenizer=tok, model=model, **BUILD_ARGS)
+    engine = rollout.build_engine(HF, run_inputs(path, tok, model))
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
                for q in ("hi", "What is 12+30?", "x")]
     return path, tok, model, engine, prompts
@@ -43,7 +47,7 @@ def test_registry_and_protocol(setup):
     *_, engine, _ = setup
     assert isinstance(engine, RolloutEngine)
     with pytest.raises(RegistryError, match="hf_generate"):
-        rollout.build_engine("hf-generate")
+        rollout.build_engine(RolloutConfig(engine="hf-generate"), None)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -136,7 +140,7 @@ def test_prompt_major_order_and_padding(setup):
 
 def test_update_weights_into_separate_copy(setup):
     path, tok, _, _, prompts = setup
-    engine = rollout.build_engine("hf_generate", model_path=path, tokenizer=tok, **BUILD_ARGS)
+    engine = rollout.build_engine(HF, run_inputs(path, tok))
     trainer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         for p in trainer.parameters():

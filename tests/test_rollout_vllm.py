@@ -21,6 +21,7 @@ else:
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gspo import rollout
+from gspo.config import RolloutConfig
 from gspo.models.loading import build_tiny_model
 from gspo.rollout import vllm_compat
 from gspo.rollout.base import RolloutEngine, SamplingSpec
@@ -38,8 +39,9 @@ def setup(request, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(path)
     trainer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     engine = rollout.build_engine(
-        "vllm_colocate", model_path=path, tokenizer=tok, dtype="float32", seed=0, max_model_len=256,
-        gpu_memory_utilization=0.3, kv_cache_memory_bytes=32 * 2**20, enforce_eager=True,
+        RolloutConfig(engine="vllm_colocate", gpu_memory_utilization=0.3, kv_cache_memory_bytes=32 * 2**20,
+                      enforce_eager=True),
+        rollout.EngineInputs(path, tok, dtype="float32", seed=0, max_model_len=256),
     )
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
                for q in ("hi", "What is 12+30?")]
@@ -148,9 +150,8 @@ def test_both_engines_reproducible_given_seed(setup):
     """Same seed -> same completions, for each engine (their RNG streams differ, so vLLM and HF do not
     draw the same samples as each other; nothing relies on that)."""
     _, tok, trainer, engine, prompts = setup
-    hf = rollout.build_engine("hf_generate", model_path="", tokenizer=tok, model=trainer, dtype="float32",
-                              seed=0, max_model_len=256, gpu_memory_utilization=0.3,
-                              kv_cache_memory_bytes=None, enforce_eager=True)
+    hf = rollout.build_engine(RolloutConfig(engine="hf_generate"),
+                              rollout.EngineInputs("", tok, dtype="float32", seed=0, max_model_len=256, model=trainer))
     spec = SamplingSpec(n=2, max_new_tokens=6, seed=9)
     h1, h2 = hf.generate(prompts, spec), hf.generate(prompts, spec)
     v1, v2 = engine.generate(prompts, spec), engine.generate(prompts, spec)
@@ -167,8 +168,8 @@ def test_seeded_rollout_larger_than_one_scheduler_step_runs_and_reproduces(tmp_p
     path = build_tiny_model("qwen3_moe", tmp_path / "m")
     tok = AutoTokenizer.from_pretrained(path)
     engine = rollout.build_engine(
-        "vllm_colocate", model_path=path, tokenizer=tok, dtype="float32", seed=0, max_model_len=128,
-        gpu_memory_utilization=0.3, kv_cache_memory_bytes=None, enforce_eager=True)
+        RolloutConfig(engine="vllm_colocate", gpu_memory_utilization=0.3, enforce_eager=True),
+        rollout.EngineInputs(path, tok, dtype="float32", seed=0, max_model_len=128))
     try:
         text = "Add the numbers, answer in the tags: "
         prompts = [tok.apply_chat_template([{"role": "user", "content": f"{text}{i}+{i + 7}?"}],
@@ -199,8 +200,9 @@ def test_tokenizer_only_folder_logs_no_vllm_error(tmp_path, capfd):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     capfd.readouterr()
     engine = rollout.build_engine(
-        "vllm_colocate", model_path=path, tokenizer=tok, dtype="float32", seed=0, max_model_len=64,
-        gpu_memory_utilization=0.3, kv_cache_memory_bytes=16 * 2**20, enforce_eager=True)
+        RolloutConfig(engine="vllm_colocate", gpu_memory_utilization=0.3, kv_cache_memory_bytes=16 * 2**20,
+                      enforce_eager=True),
+        rollout.EngineInputs(path, tok, dtype="float32", seed=0, max_model_len=64))
     try:
         stand_in = engine._tokenizer_tmp
         batch = engine.generate([tok("hi", add_special_tokens=False)["input_ids"]], SPEC)

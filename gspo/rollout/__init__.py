@@ -1,6 +1,7 @@
 """Rollout engines: prompts in, G completions per prompt out (see `gspo.rollout.base` for the contract).
 
-Engines register in `gspo.registry.ROLLOUT_ENGINES`; `build_engine(name, **kwargs)` builds one by name.
+Engines register in `gspo.registry.ROLLOUT_ENGINES`; `build_engine(section, run)` builds the one the `rollout`
+config section names, from that section and the run's facts (`EngineInputs`).
 Importing this package never imports vLLM (engines import it in their constructors).
 """
 
@@ -10,15 +11,12 @@ from typing import Any
 
 from gspo.registry import ROLLOUT_ENGINES
 from gspo.rollout import hf_generate, vllm_colocate  # noqa: F401  (register the built-in engines)
-from gspo.rollout.base import RolloutBatch, RolloutEngine, SamplingSpec
+from gspo.rollout.base import EngineInputs, RolloutBatch, RolloutEngine, SamplingSpec
 
-__all__ = ["RolloutBatch", "RolloutEngine", "SamplingSpec", "build_engine"]
+__all__ = ["EngineInputs", "RolloutBatch", "RolloutEngine", "SamplingSpec", "build_engine"]
 
 
-def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    """Build the rollout engine registered as `name` (unknown names list the valid ones).
-
-    kwargs: model_path, tokenizer, dtype, seed, max_model_len, gpu_memory_utilization,
-    kv_cache_memory_bytes, enforce_eager, model (the trainer's policy; used by "hf_generate").
-    """
-    return ROLLOUT_ENGINES.get(name)(**kwargs)
+def build_engine(section: Any, run: EngineInputs) -> RolloutEngine:
+    """Build the rollout engine `section.engine` names (unknown names list the valid ones) from its config
+    section (`cfg.rollout`: each builder reads the keys it uses) and the run's facts."""
+    return ROLLOUT_ENGINES.get(section.engine)(section, run)

@@ -61,6 +61,18 @@ class RolloutBatch:
         return self.mask.sum(dim=1).long()
 
 
+@dataclass(frozen=True)
+class EngineInputs:
+    """What an engine is built for besides its config section (`rollout`): the facts of this run."""
+
+    model_path: str  # the weights the engine loads (the trainer's starting point)
+    tokenizer: Any
+    dtype: str  # rollout.dtype, else model.dtype
+    seed: int
+    max_model_len: int  # rollout.max_model_len, else derived from the prompts
+    model: torch.nn.Module | None = None  # the trainer's policy (hf_generate samples with it directly)
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the trainer needs from an engine."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gspo.registry import ROLLOUT_ENGINES
-from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, derive_seed
+from gspo.rollout.base import EngineInputs, RolloutBatch, SamplingSpec, assemble_batch, derive_seed
 
 
 class _DrawnTokenLogprobs:
@@ -177,29 +177,19 @@ class HFGenerateEngine:
 
 
 @ROLLOUT_ENGINES.register("hf_generate")
-def build_hf_generate(
-    model_path: str,
-    tokenizer: Any,
-    *,
-    dtype: str,
-    seed: int,
-    max_model_len: int,
-    gpu_memory_utilization: float,
-    kv_cache_memory_bytes: int | None,
-    enforce_eager: bool,
-    model: torch.nn.Module | None = None,
-) -> HFGenerateEngine:
-    """Engine builder. Samples with `model` (the trainer's policy, no sync needed) when given; otherwise
-    loads its own copy from `model_path` in `dtype` (then `update_weights` copies the trainer's weights)."""
-    del seed, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager
+def build_hf_generate(section: Any, run: EngineInputs) -> HFGenerateEngine:
+    """Engine builder. Samples with `run.model` (the trainer's policy, no sync needed) when given; otherwise
+    loads its own copy from `run.model_path` in `run.dtype` (then `update_weights` copies the trainer's
+    weights). Its config section has no keys of its own (the sampling settings come with each call)."""
+    model = run.model
     if model is None:
         from transformers import AutoModelForCausalLM
 
         from gspo.models.loading import torch_dtype_of
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype_of(dtype, "rollout.dtype"))
+        model = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch_dtype_of(run.dtype, "rollout.dtype"))
         model.requires_grad_(False)
-    return HFGenerateEngine(model, tokenizer)
+    return HFGenerateEngine(model, run.tokenizer)
 
 
 __all__ = ["HFGenerateEngine", "build_hf_generate"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from gspo.registry import ROLLOUT_ENGINES
-from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch, derive_seed
+from gspo.rollout.base import EngineInputs, RolloutBatch, SamplingSpec, assemble_batch, derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -214,35 +214,22 @@ def _architectures(model_path: str, model: torch.nn.Module | None) -> list[str] 
 
 
 @ROLLOUT_ENGINES.register("vllm_colocate")
-def build_vllm_colocate(
-    model_path: str,
-    tokenizer: Any,
-    *,
-    dtype: str,
-    seed: int,
-    max_model_len: int,
-    gpu_memory_utilization: float,
-    kv_cache_memory_bytes: int | None,
-    enforce_eager: bool,
-    model: torch.nn.Module | None = None,
-) -> VLLMColocateEngine:
-    """Engine builder (the signature every rollout builder shares). vLLM loads its own copy from
-    `model_path`; the trainer calls `update_weights` after each optimizer step. An architecture vLLM cannot
-    serve here (`UNSUPPORTED`) gets the HF engine on `model` instead, with the reason logged."""
-    reason = unsupported_reason(_architectures(model_path, model), on_gpu=torch.cuda.is_available())
+def build_vllm_colocate(section: Any, run: EngineInputs) -> VLLMColocateEngine:
+    """Engine builder (the signature every rollout builder shares): its `rollout` config section and the
+    run's facts. vLLM loads its own copy from `run.model_path`; the trainer calls `update_weights` after each
+    optimizer step. An architecture vLLM cannot serve here (`UNSUPPORTED`) gets the HF engine on `run.model`
+    instead, with the reason logged."""
+    reason = unsupported_reason(_architectures(run.model_path, run.model), on_gpu=torch.cuda.is_available())
     if reason is not None:
         logger.warning("rollout.engine=vllm_colocate: %s; falling back to hf_generate", reason)
-        return ROLLOUT_ENGINES.get("hf_generate")(
-            model_path, tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enforce_eager=enforce_eager, model=model)
+        return ROLLOUT_ENGINES.get("hf_generate")(section, run)
     return VLLMColocateEngine(
-        model_path,
-        tokenizer,
-        dtype=dtype,
-        seed=seed,
-        max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization,
-        kv_cache_memory_bytes=kv_cache_memory_bytes,
-        enforce_eager=enforce_eager,
+        run.model_path,
+        run.tokenizer,
+        dtype=run.dtype,
+        seed=run.seed,
+        max_model_len=run.max_model_len,
+        gpu_memory_utilization=section.gpu_memory_utilization,
+        kv_cache_memory_bytes=section.kv_cache_memory_bytes,
+        enforce_eager=section.enforce_eager,
     )

@@ -72,13 +72,11 @@ class Scored:
 
 def open_engine(cfg: Any, model_path: str, tokenizer: Any, longest_prompt: int) -> Any:
     """The rollout engine of `cfg.rollout`, loading its own copy of `model_path` (no trainer model here)."""
-    from gspo.rollout import build_engine
+    from gspo.rollout import EngineInputs, build_engine
 
     r = cfg.rollout
-    return build_engine(r.engine, model_path=model_path, tokenizer=tokenizer, dtype=cfg.rollout_dtype,
-                        seed=cfg.seed, max_model_len=r.max_model_len or longest_prompt + r.max_new_tokens + 8,
-                        gpu_memory_utilization=r.gpu_memory_utilization,
-                        kv_cache_memory_bytes=r.kv_cache_memory_bytes, enforce_eager=r.enforce_eager)
+    return build_engine(r, EngineInputs(model_path, tokenizer, dtype=cfg.rollout_dtype, seed=cfg.seed,
+                                        max_model_len=r.max_model_len or longest_prompt + r.max_new_tokens + 8))
 
 
 def load_model_ref(cfg: Any, model_path: str | None = None) -> tuple[str, Any]:

@@ -38,7 +38,7 @@ from gspo.models import lora
 from gspo.models.loading import load_policy, provenance, write_provenance
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
-from gspo.rollout import build_engine
+from gspo.rollout import EngineInputs, build_engine
 from gspo.rollout.base import RolloutBatch, SamplingSpec
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.logprobs import completion_logprobs
@@ -141,12 +141,10 @@ class GSPOTrainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.scheduler)
 
-        r = cfg.rollout
-        self.engine = build_engine(
-            r.engine, model_path=self.model_path, tokenizer=self.tokenizer, dtype=cfg.rollout_dtype,
-            seed=cfg.seed, max_model_len=r.max_model_len or self._default_max_len(),
-            gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
-            enforce_eager=r.enforce_eager, model=self.accelerator.unwrap_model(self.model))
+        self.engine = build_engine(cfg.rollout, EngineInputs(
+            self.model_path, self.tokenizer, dtype=cfg.rollout_dtype, seed=cfg.seed,
+            max_model_len=cfg.rollout.max_model_len or self._default_max_len(),
+            model=self.accelerator.unwrap_model(self.model)))
         if resume and use_lora:  # the engine loaded the base: give it the resumed merged policy
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
