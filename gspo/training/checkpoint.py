@@ -122,17 +122,9 @@ def write_error(e: BaseException, path: str) -> BaseException:
 
 def _write_contents(tmp: str, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     trainer_state: dict[str, Any], lora_save: str) -> None:
-    # --- LoRA: adapter/ (what resuming needs) and/or the merged model/ ---
-    from gspo.models.loading import write_provenance
-    from gspo.models.lora import is_lora, save_lora
+    from gspo.models.policy import save_checkpoint_model
 
-    if is_lora(model):
-        save_lora(model, tmp, tokenizer, save=lora_save)
-    else:
-        model.save_pretrained(os.path.join(tmp, "model"))
-        tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        write_provenance(model, os.path.join(tmp, "model"))
-    # --- end LoRA ---
+    save_checkpoint_model(model, tokenizer, tmp, lora_save=lora_save)
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(rng_state(), os.path.join(tmp, "rng.pt"))

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gspo.data import hf_dataset_options, load_rows
-from gspo.models import lora
-from gspo.models.loading import load_policy
+from gspo.models.policy import Policy
 from gspo.registry import STAGES, TASKS, StageSpec
 from gspo.training.metrics_log import MetricsWriter
 from gspo.training.summary import length_line
@@ -44,9 +43,8 @@ def run_sft(cfg: Any) -> str:
     from trl import SFTConfig, SFTTrainer
 
     out = cfg.output_dir
-    model, tokenizer = load_policy(cfg.model, output_dir=out)
-    if cfg.lora.enabled:  # adapters only; final/ is still the merged model (train_and_save)
-        model = lora.apply_lora(model, cfg.lora)
+    policy = Policy.load(cfg, output_dir=out)  # LoRA: adapters only; final/ is still merged (train_and_save)
+    model, tokenizer = policy.model, policy.tokenizer
     s = cfg.sft
     args = SFTConfig(
         **common_args(cfg),

@@ -13,8 +13,9 @@ Deviations from the GSPO paper (Zheng et al., arXiv 2507.18071), all deliberate:
 - The minibatches of one rollout are a seeded random partition of its N completions (not whole groups),
   as in the paper's "split each rollout batch into minibatches".
 
-With lora.enabled the policy is a peft model (gspo/models/lora.py, docs/lora.md): only adapters train, the
-engine gets the merged weights, checkpoints hold adapter/ (+ merged model/), final/ is merged.
+With lora.enabled the policy is a peft model (gspo/models/policy.py, docs/lora.md): only adapters train, the
+engine gets the merged weights, checkpoints hold adapter/ (+ merged model/), final/ is merged. The Policy
+object owns those differences; this module has no LoRA branch.
 
 Runs on one process (CPU or one GPU). Multi-GPU data parallelism needs a server-mode engine and sharded
 rollouts, which this trainer does not do yet.
@@ -34,8 +35,7 @@ import torch
 
 from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
-from gspo.models import lora
-from gspo.models.loading import load_policy, provenance, write_provenance
+from gspo.models.policy import Policy, save_final
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
 from gspo.rollout import EngineInputs, build_engine
@@ -99,29 +99,11 @@ class GSPOTrainer:
                                "launch the rl stages on one GPU")
 
         resume = resolve_checkpoint(self.out, cfg.resume_from) if cfg.resume_from else None
-        use_lora = cfg.lora.enabled
-        # A resumed run loads the checkpoint's weights as a plain HF directory (the engine loads the same).
-        # A LoRA run keeps its frozen base (cfg.model) and resumes the adapter instead (below).
-        model_cfg = cfg.model.model_copy(update={"name_or_path": os.path.join(resume, "model"), "tiny": {}}) \
-            if resume and not use_lora else cfg.model
-        self.model, self.tokenizer = load_policy(model_cfg, output_dir=self.out)
-        self.model_path = provenance(self.model)["loaded_from"]  # where the engine loads the same weights from
-        # --- LoRA: adapters before router controls and the optimizer, so only adapter parameters train ---
-        self.lora_save = cfg.lora.save
-        self.lora_metrics: dict[str, float] = {}
-        if use_lora:
-            lora.check_sync_mode(cfg.lora, cfg.rollout.engine)
-            self.model = lora.apply_lora(self.model, cfg.lora)
-            self.lora_metrics = self.model.gspo_lora.metrics()
-            if resume:
-                lora.load_adapter(self.model, os.path.join(resume, lora.ADAPTER_DIR))
-        # --- end LoRA ---
-        # The KL reference is the stage's starting policy (cfg.model, also after a resume), frozen. With LoRA
-        # that is the base with the adapters disabled (`_reference`): no second copy.
-        self.ref_model = None
-        if cfg.algorithm.beta > 0 and not use_lora:
-            self.ref_model, _ = load_policy(cfg.model, output_dir=self.out)
-            self.ref_model.eval().requires_grad_(False)
+        # Full or LoRA: the Policy owns every difference (loading, resuming, the KL reference, saving).
+        self.policy = Policy.load(cfg, output_dir=self.out, resume=resume, engine=cfg.rollout.engine)
+        self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+        # The KL reference is the stage's starting policy (cfg.model, also after a resume), frozen.
+        self.ref_model = self.policy.reference(cfg.model, self.out) if cfg.algorithm.beta > 0 else None
         self.spec = LOSSES.get(cfg.algorithm.name)
         self.clip_low, self.clip_high = cfg.clip_range()
 
@@ -142,10 +124,10 @@ class GSPOTrainer:
             self.model, self.optimizer, self.scheduler)
 
         self.engine = build_engine(cfg.rollout, EngineInputs(
-            self.model_path, self.tokenizer, dtype=cfg.rollout_dtype, seed=cfg.seed,
+            self.policy.model_path, self.tokenizer, dtype=cfg.rollout_dtype, seed=cfg.seed,
             max_model_len=cfg.rollout.max_model_len or self._default_max_len(),
             model=self.accelerator.unwrap_model(self.model)))
-        if resume and use_lora:  # the engine loaded the base: give it the resumed merged policy
+        if self.policy.engine_needs_first_sync:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         self.rollout_idx, self.global_step = 0, 0
@@ -309,8 +291,8 @@ class GSPOTrainer:
 
     def _reference(self) -> Any:
         """Context in which `self._logp(..., model=self.ref_model)` is the KL reference's logp."""
-        if self.ref_model is None and self.cfg.lora.enabled:
-            return self.accelerator.unwrap_model(self.model).disable_adapter()
+        if self.ref_model is None:
+            return self.policy.reference_context(self.accelerator.unwrap_model(self.model))
         return nullcontext()
 
     def _old_logprobs(self, data: RolloutData) -> torch.Tensor:
@@ -377,7 +359,7 @@ class GSPOTrainer:
             "clip/high": self.clip_high,
         }
         m.update(reward_metrics)
-        m.update(self.lora_metrics)
+        m.update(self.policy.metrics)
         if b.logp is not None and data.trainer_logp is not None:
             valid = b.mask.bool()
             gap = (b.logp.float() - data.trainer_logp)[valid].abs()
@@ -404,7 +386,7 @@ class GSPOTrainer:
                  "moe": self.moe.state_dict()}
         return save_checkpoint(self.out, self.rollout_idx, model=self.accelerator.unwrap_model(self.model),
                                tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-                               trainer_state=state, keep=self.cfg.train.keep_checkpoints, lora_save=self.lora_save)
+                               trainer_state=state, keep=self.cfg.train.keep_checkpoints, lora_save=self.cfg.lora.save)
 
     def train(self) -> str:
         """Run until train.num_rollouts; returns the final checkpoint's model directory."""
@@ -423,14 +405,7 @@ class GSPOTrainer:
         if self.saved_rollout != self.rollout_idx:  # e.g. a run resumed at its end has nothing new to save
             self.save()
         final = os.path.join(self.out, "final")
-        policy = self.accelerator.unwrap_model(self.model)
-        if lora.is_lora(policy):  # final/ merged (the next stage loads a plain checkpoint); final_adapter/ peft
-            lora.save_merged(policy, final, self.tokenizer)
-            lora.save_adapter(policy, final + "_adapter", self.tokenizer)
-        else:
-            policy.save_pretrained(final)
-            self.tokenizer.save_pretrained(final)
-            write_provenance(policy, final)
+        save_final(self.accelerator.unwrap_model(self.model), self.tokenizer, final)
         self.engine.close()
         self.accelerator.end_training()
         return final

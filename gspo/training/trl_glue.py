@@ -58,16 +58,9 @@ def metrics_callback(writer: MetricsWriter) -> Any:
 def train_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> str:
     """Train, then write the model and tokenizer to `output_dir/final` (the stage's artifact; with LoRA the
     merged model there and the adapter in `final_adapter/`, as the rl stage does)."""
-    from gspo.models import lora
-    from gspo.models.loading import write_provenance
+    from gspo.models.policy import save_final
 
     trainer.train()
     final = os.path.join(output_dir, "final")
-    if lora.is_lora(trainer.model):
-        lora.save_merged(trainer.model, final, tokenizer)
-        lora.save_adapter(trainer.model, final + "_adapter", tokenizer)
-    else:
-        trainer.model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        write_provenance(trainer.model, final)
+    save_final(trainer.model, tokenizer, final)
     return final
