@@ -3,9 +3,11 @@
 - generate: one request per prompt with `n = group_size`, per-prompt seeds derived from `SamplingSpec.seed`,
   `logprobs=0` (the sampled token's logprob) under `logprobs_mode="processed_logprobs"`, i.e. after
   temperature / top-k / top-p, the distribution the token was drawn from.
-- update_weights: every weight under its checkpoint-format name (`checkpoint_state_items`) in ONE
-  `collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)` call, then
-  `reset_prefix_cache()` so no KV computed with old weights is reused.
+- update_weights: every weight under its checkpoint-format name, in layer order and per-layer buckets, through
+  vLLM's `reload_weights` in ONE call, verified parameter by parameter (`gspo.rollout.weight_sync`), then
+  `reset_prefix_cache()` so no KV computed with old weights is reused. Its cost is `last_sync_stats`.
+- memory: the KV cache is sized from the run (`gspo.rollout.sizing`) unless `kv_cache_memory_bytes` or
+  `gpu_memory_utilization` is given; CUDA graphs on GPU unless `enforce_eager` says otherwise.
 - sleep / wake_up: real on GPU (`enable_sleep_mode=True`); on CPU vLLM rejects sleep mode, so they are no-ops
   (one log line says so).
 
@@ -41,9 +43,10 @@ class VLLMColocateEngine:
         dtype: str = "float32",
         seed: int = 0,
         max_model_len: int = 512,
-        gpu_memory_utilization: float = 0.3,
+        gpu_memory_utilization: float | None = None,
         kv_cache_memory_bytes: int | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
+        max_num_seqs: int | None = None,
         sleep_level: int = 1,
         moe_repack_shim: bool = True,
     ) -> None:
@@ -56,8 +59,14 @@ class VLLMColocateEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        from gspo.rollout import vllm_compat
+        from gspo.rollout import sizing, vllm_compat
 
+        enforce_eager = sizing.resolve_enforce_eager(enforce_eager, on_gpu=on_gpu)
+        if kv_cache_memory_bytes is None and gpu_memory_utilization is None:
+            kv_cache_memory_bytes = _sized_kv_cache(model_path, dtype, max_num_seqs or 256, max_model_len)
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.enforce_eager = enforce_eager
+        vllm_compat.check_vllm_supported()
         self.shim_active = vllm_compat.apply_moe_repack_shim(enabled=moe_repack_shim)
         kwargs: dict[str, Any] = {
             "model": model_path,
@@ -68,10 +77,15 @@ class VLLMColocateEngine:
             "enforce_eager": enforce_eager,
             "logprobs_mode": "processed_logprobs",
         }
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = int(max_num_seqs)  # also bounds the CUDA-graph batch sizes captured
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         if on_gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if kv_cache_memory_bytes is not None:
+                free, total = torch.cuda.mem_get_info()
+                gpu_memory_utilization = sizing.utilization_for_check(free, total, gpu_memory_utilization)
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization if gpu_memory_utilization else 0.3
             kwargs["enable_sleep_mode"] = True
         elif kv_cache_memory_bytes is None:
             kwargs["kv_cache_memory_bytes"] = 64 * 2**20  # the default memory sizing fails on CPU boxes
@@ -83,6 +97,7 @@ class VLLMColocateEngine:
         self._asleep = False
         self._noted_no_sleep = False
         self.last_sync_seconds: float | None = None
+        self.last_sync_stats: Any = None
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -122,14 +137,11 @@ class VLLMColocateEngine:
 
     # ----------------------------------------------------------------------------------------- weight sync
     def update_weights(self, model: torch.nn.Module) -> None:
-        """All checkpoint-format weights in one reload call, then drop the prefix cache."""
-        from gspo.training.model import checkpoint_state_items
+        """All checkpoint-format weights in one verified reload call, then drop the prefix cache."""
+        from gspo.rollout.weight_sync import sync_weights
 
         start = time.perf_counter()
-        weights = list(checkpoint_state_items(model))
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
-        )
+        self.last_sync_stats = sync_weights(self.llm, model)
         self.llm.reset_prefix_cache()
         self.last_sync_seconds = time.perf_counter() - start
 
@@ -163,6 +175,17 @@ class VLLMColocateEngine:
             if callable(shutdown):
                 shutdown()
             self.llm = None
+
+
+def _sized_kv_cache(model_path: str, dtype: str, num_seqs: int, max_model_len: int) -> int | None:
+    """KV-cache bytes for the run (`gspo.rollout.sizing`); None (vLLM's own sizing) for unknown shapes."""
+    from gspo.rollout.sizing import kv_cache_bytes
+
+    config = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        return kv_cache_bytes(json.load(f), dtype, num_seqs=num_seqs, max_model_len=max_model_len)
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -209,10 +232,11 @@ def build_vllm_colocate(
     dtype: str,
     seed: int,
     max_model_len: int,
-    gpu_memory_utilization: float,
+    gpu_memory_utilization: float | None,
     kv_cache_memory_bytes: int | None,
-    enforce_eager: bool,
+    enforce_eager: bool | None,
     model: torch.nn.Module | None = None,
+    max_num_seqs: int | None = None,
 ) -> VLLMColocateEngine:
     """Engine builder (the signature every rollout builder shares). vLLM loads its own copy from
     `model_path`; the trainer calls `update_weights` after each optimizer step. An architecture vLLM cannot
@@ -223,7 +247,7 @@ def build_vllm_colocate(
         return ROLLOUT_ENGINES.get("hf_generate")(
             model_path, tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enforce_eager=enforce_eager, model=model)
+            enforce_eager=enforce_eager, model=model, max_num_seqs=max_num_seqs)
     return VLLMColocateEngine(
         model_path,
         tokenizer,
@@ -233,4 +257,5 @@ def build_vllm_colocate(
         gpu_memory_utilization=gpu_memory_utilization,
         kv_cache_memory_bytes=kv_cache_memory_bytes,
         enforce_eager=enforce_eager,
+        max_num_seqs=max_num_seqs,
     )

@@ -1,0 +1,267 @@
+"""Trainer -> colocated vLLM weight sync: ordered by layer, built in per-layer buckets, verified, measured.
+
+Order. vLLM's layerwise reloader (vllm/model_executor/model_loader/reload/layerwise.py) buffers a layer's
+incoming tensors until the layer has all of them, then processes and copies them into the kernel's storage.
+Tensors of several layers in flight at once each hold a buffer ("Allocating ... MB of device memory to buffers
+... ordering weights by their parent layer" warns about it), so the iterator yields the embedding, then decoder
+layer 0, 1, ..., then the final norm / head.
+
+Buckets. The checkpoint-format tensors (`transformers.core_model_loading.revert_weight_conversion`, e.g. fused
+experts split back per expert) are built one decoder layer at a time, while vLLM consumes the previous one, so
+the extra memory of the conversion is one layer's worth, not the whole model's.
+
+Fused experts. transformers 5 keeps a layer's experts as two 3-D tensors (`mlp.experts.gate_up_proj`
+[E, 2I, H], gate rows first, and `mlp.experts.down_proj` [E, H, I]); the checkpoint format splits them into 3E
+2-D tensors, each of which vLLM matches by name against a 3E-entry expert table before loading it. vLLM also
+accepts the fused tensors under exactly those names (`RoutedExperts.build_expert_params_mapping(
+include_fused=True)`: "experts.gate_up_proj" -> w1/w3 halves, "experts.down_proj" -> w2) when the checkpoint's
+per-expert names are gate_proj / up_proj / down_proj. So they are sent fused when, on the first layer, reverting
+them gives exactly those names and values (expert 0's gate = gate_up_proj[0, :I], up = [0, I:], down =
+down_proj[0]); otherwise (Mixtral's w1/w3/w2, GPT-OSS's interleaved gate/up) the per-expert split is sent.
+
+Verification. vLLM 0.26-0.32 log two warnings on every reload that are false for loaded weights:
+- "Following weights were not loaded from checkpoint: {...experts.routed_experts.w13_weight, ...w2_weight}"
+  (vllm/v1/worker/gpu_model_runner.py `reload_weights`): it compares `model.named_parameters()` with the names
+  `model.load_weights` returns, and `MoERunner.load_weights` (fused_moe/runner/moe_runner.py) forwards to
+  `RoutedExperts.load_weights`, which returns names relative to itself: the loaded expert weights come back as
+  `...experts.w13_weight`, without the `routed_experts.` component, so the set difference lists them.
+- "RotaryEmbedding: Failed to load weights" (layerwise.py `finalize_layerwise_processing`): every module with
+  tensors is expected to receive some; the rotary embedding's only tensor is its cos/sin cache, a buffer
+  computed at start-up that no checkpoint holds, and the reloader puts the unchanged buffer back.
+The sync therefore runs vLLM's own `reload_weights` inside the worker (an in-process `collective_rpc` callable),
+records the names `load_weights` returned, drops those two messages, and checks every parameter itself: a
+parameter that received nothing (after mapping the expert names back) is stale, and that is an error
+(`StaleWeightsError`), not a log line. A module that reports "Failed to load weights" while owning parameters
+is covered by the same check.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+# Send fused expert tensors where vLLM takes them (module docstring). A switch so benchmarks can time the
+# per-expert path too; the verification below holds for both.
+FUSED_EXPERTS = True
+# vLLM loggers whose reload messages are reconciled here (see the module docstring).
+_VLLM_RUNNER_LOGGER = "vllm.v1.worker.gpu_model_runner"
+_VLLM_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_NOT_LOADED = "Following weights were not loaded from checkpoint"
+_FAILED = "Failed to load weights"
+
+
+class StaleWeightsError(RuntimeError):
+    """A weight sync left engine parameters without new values: rollouts would not come from the policy."""
+
+
+@dataclass
+class SyncStats:
+    seconds: float = 0.0
+    bytes: int = 0
+    tensors: int = 0
+    buckets: int = 0
+    explained: list[str] = field(default_factory=list)  # vLLM messages found false and dropped
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Metric row entries (s, GB, GB/s) the trainer logs every rollout."""
+        return {"sync/seconds": self.seconds, "sync/gb": self.bytes / 1e9, "sync/gbps": self.gbps,
+                "sync/tensors": float(self.tensors), "sync/buckets": float(self.buckets)}
+
+
+# ------------------------------------------------------------------------------------------------ ordering
+def layer_key(name: str) -> tuple[int, int]:
+    """Sort key of a checkpoint name: (0, 0) before the decoder layers (embeddings), (1, i) for layer i,
+    (2, 0) after them (final norm, lm_head)."""
+    m = _LAYER.search(name)
+    if m:
+        return (1, int(m.group(1)))
+    return (0, 0) if "embed" in name else (2, 0)
+
+
+def group_by_layer(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The state split into per-layer dicts in layer order (a stable sort: order inside a layer is kept)."""
+    groups: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(layer_key(name), {})[name] = tensor
+    return [groups[k] for k in sorted(groups)]
+
+
+def checkpoint_buckets(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """The policy's weights under checkpoint-format names (what `save_pretrained` writes, as
+    `gspo.training.model.checkpoint_state_items` yields them), one decoder layer per bucket, in layer order.
+
+    Each bucket is converted on its own; the conversions transformers registers act within one module's names,
+    so converting per layer gives what converting the whole state does (tests/test_weight_sync.py checks this
+    for every tiny family)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from gspo.training.lora import hf_model_of, is_lora, merged_state_dict
+    from gspo.training.model import _unwrap
+
+    base = _unwrap(model)
+    with torch.no_grad():
+        if is_lora(base):
+            state, base = merged_state_dict(base), hf_model_of(base)
+        else:
+            state = {k: v.detach() for k, v in base.state_dict().items()}
+        state = remove_tied_weights_from_state_dict(state, base)
+        fused_ok: bool | None = None if FUSED_EXPERTS else False
+        for group in group_by_layer(state):
+            fused = {n: t for n, t in group.items() if _FUSED.match(n) and t.dim() == 3}
+            if fused and fused_ok is None:
+                fused_ok = fused_names_match_checkpoint(base, fused)
+            if not (fused and fused_ok):
+                yield revert_weight_conversion(base, group)
+                continue
+            rest = {n: t for n, t in group.items() if n not in fused}
+            yield {**(revert_weight_conversion(base, rest) if rest else {}), **fused}
+
+
+def fused_names_match_checkpoint(base: torch.nn.Module, fused: dict[str, torch.Tensor]) -> bool:
+    """Whether one layer's fused expert tensors revert to gate_proj / up_proj / down_proj per expert with
+    gate_up_proj = [gate; up] along dim 1: the layout vLLM's fused-name loader assumes (module docstring)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    reverted = revert_weight_conversion(base, dict(fused))
+    for name, t in fused.items():
+        prefix, kind = _FUSED.match(name).groups()
+        if kind == "gate_up_proj":
+            half = t.shape[1] // 2
+            pairs = [(f"{prefix}.0.gate_proj.weight", t[0, :half]), (f"{prefix}.0.up_proj.weight", t[0, half:])]
+        else:
+            pairs = [(f"{prefix}.0.down_proj.weight", t[0])]
+        for key, expected in pairs:
+            got = reverted.get(key)
+            if got is None or got.shape != expected.shape or not torch.equal(got, expected):
+                return False
+    return True
+
+
+def _counted(buckets: Iterable[dict[str, torch.Tensor]], stats: SyncStats) -> Iterator[tuple[str, torch.Tensor]]:
+    for bucket in buckets:
+        stats.buckets += 1
+        for name, tensor in bucket.items():
+            stats.tensors += 1
+            stats.bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+
+# ------------------------------------------------------------------------------------------- verification
+def expert_name_variants(name: str) -> set[str]:
+    """Names under which vLLM's `load_weights` may report parameter `name` as loaded: itself, and without
+    the `routed_experts.` component that `MoERunner.load_weights` drops (module docstring)."""
+    return {name, name.replace(".routed_experts.", ".")}
+
+
+def stale_parameters(parameters: Iterable[str], loaded: Iterable[str]) -> list[str]:
+    """Engine parameters that received no weight, after mapping the expert names back."""
+    loaded = set(loaded)
+    return sorted(p for p in parameters if not (expert_name_variants(p) & loaded))
+
+
+class _ReloadLogFilter(logging.Filter):
+    """Drops (and keeps) vLLM's reload messages that `stale_parameters` re-checks (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith(_NOT_LOADED) or msg.endswith(_FAILED):
+            self.dropped.append(record.getMessage())
+            return False
+        return True
+
+
+@contextmanager
+def reconciled_reload_logs() -> Iterator[_ReloadLogFilter]:
+    flt = _ReloadLogFilter()
+    loggers = [logging.getLogger(n) for n in (_VLLM_RUNNER_LOGGER, _VLLM_LAYERWISE_LOGGER)]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield flt
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
+
+
+def _buffer_only_classes(model: torch.nn.Module) -> set[str]:
+    """Module classes whose every instance holds buffers and no parameters (the rotary cos/sin cache)."""
+    has_params: dict[str, bool] = {}
+    for m in model.modules():
+        name = type(m).__name__
+        own = any(True for _ in m.parameters(recurse=False))
+        has_params[name] = has_params.get(name, False) or own
+    return {n for n, p in has_params.items() if not p}
+
+
+def _reload_in_worker(worker: Any, weights: Iterator[tuple[str, torch.Tensor]], report: dict[str, Any]) -> None:
+    """Runs in the vLLM worker (in-process engine): vLLM's `reload_weights`, recording what `load_weights`
+    reports loaded and the messages the reloader logs."""
+    runner = getattr(worker, "model_runner", worker)
+    model = runner.get_model()
+    loaded: set[str] = set()
+    original = model.load_weights
+
+    def recording_load_weights(ws: Iterable[tuple[str, torch.Tensor]]) -> Any:
+        out = original(ws)
+        loaded.update(out or ())
+        return out
+
+    model.load_weights = recording_load_weights  # instance attribute: shadows the method for this call
+    try:
+        with reconciled_reload_logs() as flt:
+            runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    finally:
+        del model.load_weights
+    report["parameters"] = [n for n, _ in model.named_parameters()]
+    report["loaded"] = loaded
+    report["dropped"] = flt.dropped
+    report["buffer_only"] = _buffer_only_classes(model)
+
+
+def sync_weights(llm: Any, model: torch.nn.Module) -> SyncStats:
+    """Push the policy's weights into the in-process vLLM engine `llm`; raise `StaleWeightsError` if any engine
+    parameter got nothing. The caller resets the prefix cache afterwards."""
+    stats = SyncStats()
+    report: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.collective_rpc(_reload_in_worker, args=(_counted(checkpoint_buckets(model), stats), report))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats.seconds = time.perf_counter() - start
+    if "loaded" not in report:
+        raise RuntimeError("vllm_colocate: the weight sync did not run in this process; the engine must run "
+                           "in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+    stale = stale_parameters(report["parameters"], report["loaded"])
+    if stale:
+        raise StaleWeightsError(f"weight sync left {len(stale)} engine parameter(s) stale: {stale[:8]}"
+                                f"{' ...' if len(stale) > 8 else ''}; rollouts would not come from the policy")
+    for msg in report["dropped"]:
+        cls = msg.split(":")[0]
+        if msg.endswith(_FAILED) and cls not in report["buffer_only"]:
+            # Not reachable when every parameter loaded; kept so an unexplained message is never hidden.
+            logger.warning("vLLM reload: %s", msg)
+        else:
+            stats.explained.append(msg)
+    return stats
