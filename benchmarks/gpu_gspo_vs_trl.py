@@ -9,6 +9,8 @@ rollout, clip 3e-4/4e-4, lr 1e-6. Runs, each in its own process (so each peak is
 - trl_vllm:     TRL GRPOTrainer in GSPO mode (importance_sampling_level="sequence"), use_vllm=True,
                 vllm_mode="colocate" (vllm_gpu_memory_utilization 0.3, TRL's default is 0.3 too).
 - gspo_hf / trl_hf: the same two with HF generate.
+- gspo_vllm_reload / gspo_vllm_sleep: gspo_vllm with every sync through vLLM's reload_weights (no verified
+                in-place copy, `weight_sync.DIRECT_COPY = False`) / with rollout.sleep_between_rollouts=true.
 - llm_generate: plain `vllm.LLM.generate` of the same requests (8 prompts, n=8, 256 tokens, logprobs=0) on an
                 engine built like gspo's, to compare the rollout hop with.
 
@@ -42,7 +44,7 @@ CUDA = torch.cuda.is_available()
 SMOKE = os.environ.get("GSPO_BENCH_SMOKE") == "1"
 if SMOKE:
     VOCAB, NEW_TOKENS = 6000, 8
-RUNS = ("gspo_vllm", "llm_generate", "trl_vllm", "gspo_hf", "trl_hf")
+RUNS = ("gspo_vllm", "llm_generate", "trl_vllm", "gspo_hf", "trl_hf", "gspo_vllm_reload", "gspo_vllm_sleep")
 
 
 def build_model_dir(root: str, layers: int) -> str:
@@ -143,6 +145,9 @@ def run_gspo(root: str, model_path: str, engine: str, cycles: int, overrides: li
                                                           "clip_frac/low", "clip_frac/high") if k in last}
     eng = trainer.engine
     out["engine"] = {k: getattr(eng, k, None) for k in ("enforce_eager", "kv_cache_memory_bytes")}
+    stats = getattr(eng, "last_sync_stats", None)
+    if stats is not None:
+        out["engine"].update(sync_path=stats.path, direct_refused=stats.direct_refused)
     return out
 
 
@@ -230,6 +235,13 @@ def run_llm_generate(root: str, model_path: str, cycles: int) -> dict:
 def child(run: str, root: str, model_path: str, cycles: int, overrides: list[str]) -> dict:
     if run == "gspo_vllm":
         return run_gspo(root, model_path, "vllm_colocate", cycles, overrides)
+    if run == "gspo_vllm_reload":
+        from gspo.rollout import weight_sync
+
+        weight_sync.DIRECT_COPY = False
+        return run_gspo(root, model_path, "vllm_colocate", cycles, overrides)
+    if run == "gspo_vllm_sleep":
+        return run_gspo(root, model_path, "vllm_colocate", cycles, [*overrides, "rollout.sleep_between_rollouts=true"])
     if run == "gspo_hf":
         return run_gspo(root, model_path, "hf_generate", cycles, overrides)
     if run == "trl_vllm":
@@ -279,12 +291,12 @@ def main() -> None:
                 f.write(json.dumps({"run": run, **results[run]}) + "\n")
     print(f"\n{torch.cuda.get_device_name(0) if CUDA else 'CPU'}; {args.layers}-layer Qwen3-30B-A3B cut, {PROMPTS}x{G} completions x "
           f"<= {NEW_TOKENS} tokens, {MINIBATCHES} optimizer steps per cycle; median of cycles 2..{args.cycles}")
-    print(f"{'run':<14}{'s/cycle':>9}{'peak GiB':>10}  detail")
+    print(f"{'run':<17}{'s/cycle':>9}{'peak GiB':>10}  detail")
     for run, r in results.items():
         detail = r.get("hops") or ""
         if run == "llm_generate":
             detail = f"gspo engine.generate of the same requests: {r['engine_generate_s']:.3f} s"
-        print(f"{run:<14}{r['cycle_s']:>9.3f}{r['peak_gib']:>10.1f}  {detail} {r.get('sync', '')}")
+        print(f"{run:<17}{r['cycle_s']:>9.3f}{r['peak_gib']:>10.1f}  {detail} {r.get('sync', '')}")
     if "gspo_vllm" in results and "trl_vllm" in results:
         print(f"gspo_vllm / trl_vllm = {results['gspo_vllm']['cycle_s'] / results['trl_vllm']['cycle_s']:.2f}")
     if "gspo_vllm" in results and "llm_generate" in results:

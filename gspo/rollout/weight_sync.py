@@ -19,6 +19,15 @@ per-expert names are gate_proj / up_proj / down_proj. So they are sent fused whe
 them gives exactly those names and values (expert 0's gate = gate_up_proj[0, :I], up = [0, I:], down =
 down_proj[0]); otherwise (Mixtral's w1/w3/w2, GPT-OSS's interleaved gate/up) the per-expert split is sent.
 
+Direct copy. vLLM's reload re-materializes every layer, loads it expert by expert (3 x E weight_loader calls
+per MoE layer) and copies the processed result back: 0.22 s for the 6.2 GB of docs/benchmarks.md's model on an
+H200, where a device copy of those bytes takes milliseconds. Where the engine's processed parameters are plain
+copies of the trainer's tensors (`direct_source`: same name, q/k/v or gate/up concatenated, fused experts as
+they are in memory), later syncs copy into the engine's parameters in place. That is decided by measurement,
+not assumed: after the first (full) reload the engine's every parameter must equal `direct_source` bit for bit;
+if any differs (CPU prepacked experts, padding, quantization) or has no source, every sync stays a reload.
+`SyncStats.path` says which one ran.
+
 Verification. vLLM 0.26-0.32 log two warnings on every reload that are false for loaded weights:
 - "Following weights were not loaded from checkpoint: {...experts.routed_experts.w13_weight, ...w2_weight}"
   (vllm/v1/worker/gpu_model_runner.py `reload_weights`): it compares `model.named_parameters()` with the names
@@ -54,6 +63,8 @@ _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 # Send fused expert tensors where vLLM takes them (module docstring). A switch so benchmarks can time the
 # per-expert path too; the verification below holds for both.
 FUSED_EXPERTS = True
+# Copy in place once verified (module docstring); a switch so benchmarks can time the reload path too.
+DIRECT_COPY = True
 # vLLM loggers whose reload messages are reconciled here (see the module docstring).
 _VLLM_RUNNER_LOGGER = "vllm.v1.worker.gpu_model_runner"
 _VLLM_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
@@ -72,6 +83,8 @@ class SyncStats:
     tensors: int = 0
     buckets: int = 0
     explained: list[str] = field(default_factory=list)  # vLLM messages found false and dropped
+    path: str = "reload"  # "reload" (vLLM's reload_weights) or "direct" (in-place copies, verified first)
+    direct_refused: str | None = None  # why the direct copy was found not to apply (first sync)
 
     @property
     def gbps(self) -> float:
@@ -80,7 +93,8 @@ class SyncStats:
     def metrics(self) -> dict[str, float]:
         """Metric row entries (s, GB, GB/s) the trainer logs every rollout."""
         return {"sync/seconds": self.seconds, "sync/gb": self.bytes / 1e9, "sync/gbps": self.gbps,
-                "sync/tensors": float(self.tensors), "sync/buckets": float(self.buckets)}
+                "sync/tensors": float(self.tensors), "sync/buckets": float(self.buckets),
+                "sync/direct": float(self.path == "direct")}
 
 
 # ------------------------------------------------------------------------------------------------ ordering
@@ -238,14 +252,90 @@ def _reload_in_worker(worker: Any, weights: Iterator[tuple[str, torch.Tensor]], 
     report["buffer_only"] = _buffer_only_classes(model)
 
 
-def sync_weights(llm: Any, model: torch.nn.Module) -> SyncStats:
+# --------------------------------------------------------------------------------------------- direct copy
+def memory_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's tensors under their in-memory names (a peft policy merged), no conversion."""
+    from gspo.training.lora import is_lora, merged_state_dict
+    from gspo.training.model import _unwrap
+
+    base = _unwrap(model)
+    with torch.no_grad():
+        if is_lora(base):
+            return merged_state_dict(base)
+        return {k: v.detach() for k, v in base.state_dict().items()}
+
+
+def direct_source(name: str, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The trainer tensor an engine parameter would hold if vLLM kept it as loaded, or None."""
+    n = name.replace(".routed_experts.", ".")
+    for engine_suffix, hf_suffix in ((".experts.w13_weight", ".experts.gate_up_proj"),
+                                     (".experts.w2_weight", ".experts.down_proj")):
+        if n.endswith(engine_suffix):
+            return state.get(n[: -len(engine_suffix)] + hf_suffix)
+    for fused, parts in ((".qkv_proj.", ("q_proj", "k_proj", "v_proj")), (".gate_up_proj.", ("gate_proj", "up_proj"))):
+        if fused in n:
+            got = [state.get(n.replace(fused, f".{p}.")) for p in parts]
+            return torch.cat(got, dim=0) if all(t is not None for t in got) else None
+    return state.get(n)
+
+
+def _target(param: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of an engine parameter `src` fills: all of it, or its first rows where vLLM pads the
+    vocabulary dimension (VocabParallelEmbedding rounds it up; the padding rows are never loaded)."""
+    if src is None:
+        return None
+    if src.shape == param.shape:
+        return param.data
+    if src.dim() == param.dim() and src.shape[1:] == param.shape[1:] and src.shape[0] < param.shape[0]:
+        return param.data[: src.shape[0]]
+    return None
+
+
+def _verify_direct_in_worker(worker: Any, state: dict[str, torch.Tensor], report: dict[str, Any]) -> None:
+    model = getattr(worker, "model_runner", worker).get_model()
+    for name, param in model.named_parameters():
+        src = direct_source(name, state)
+        target = _target(param, src)
+        if target is None:
+            report["refused"] = f"{name}: no trainer tensor of shape {tuple(param.shape)}"
+            return
+        if not torch.equal(target, src.to(device=param.device, dtype=param.dtype)):
+            report["refused"] = f"{name}: the engine holds it processed (not a plain copy)"
+            return
+    report["refused"] = None
+
+
+def _copy_direct_in_worker(worker: Any, state: dict[str, torch.Tensor], report: dict[str, Any]) -> None:
+    model = getattr(worker, "model_runner", worker).get_model()
+    copied, nbytes = 0, 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            src = direct_source(name, state)
+            target = _target(param, src)
+            if target is None:  # verified on the first sync; a change is an error
+                raise StaleWeightsError(f"direct weight copy: no trainer tensor for engine parameter {name}")
+            target.copy_(src, non_blocking=True)
+            copied += 1
+            nbytes += src.numel() * src.element_size()
+    report["tensors"], report["bytes"] = copied, nbytes
+
+
+def sync_weights(llm: Any, model: torch.nn.Module, direct: bool | None = None) -> SyncStats:
     """Push the policy's weights into the in-process vLLM engine `llm`; raise `StaleWeightsError` if any engine
-    parameter got nothing. The caller resets the prefix cache afterwards."""
+    parameter got nothing. `direct`: None = reload, then find out whether in-place copies reproduce it
+    (`stats.direct_refused` is None when they do); True = copy in place. The caller resets the prefix cache."""
     stats = SyncStats()
     report: dict[str, Any] = {}
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
+    if direct:
+        llm.collective_rpc(_copy_direct_in_worker, args=(memory_state(model), report))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        stats.seconds = time.perf_counter() - start
+        stats.path, stats.tensors, stats.bytes, stats.buckets = "direct", report["tensors"], report["bytes"], 1
+        return stats
     llm.collective_rpc(_reload_in_worker, args=(_counted(checkpoint_buckets(model), stats), report))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -264,4 +354,10 @@ def sync_weights(llm: Any, model: torch.nn.Module) -> SyncStats:
             logger.warning("vLLM reload: %s", msg)
         else:
             stats.explained.append(msg)
+    if direct is None and DIRECT_COPY:
+        check: dict[str, Any] = {}
+        llm.collective_rpc(_verify_direct_in_worker, args=(memory_state(model), check))
+        stats.direct_refused = check.get("refused", "not checked")
+    else:
+        stats.direct_refused = "off"
     return stats
