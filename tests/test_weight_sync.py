@@ -89,6 +89,9 @@ def test_stale_parameters_maps_expert_names_back():
               "model.layers.0.self_attn.qkv_proj.weight"}
     assert stale_parameters(params, loaded) == []
     assert stale_parameters(params, loaded - {"model.layers.0.mlp.experts.w2_weight"}) == [params[1]]
+    mla = ["model.layers.0.self_attn.mla_attn.mla_attn.W_UK_T", "model.layers.0.self_attn.mla_attn.mla_attn.W_UV",
+           "model.layers.0.self_attn.kv_b_proj.weight"]
+    assert stale_parameters(mla, set()) == [mla[2]]  # derived from kv_b_proj by vLLM; kv_b_proj itself is not
 
 
 def test_direct_source_maps_engine_names_to_trainer_tensors():

@@ -182,6 +182,13 @@ def _counted(buckets: Iterable[dict[str, torch.Tensor]], stats: SyncStats) -> It
 
 
 # ------------------------------------------------------------------------------------------- verification
+# Engine parameters no checkpoint holds: vLLM derives them from loaded weights in a layer's post-load processing,
+# which the reloader re-runs for every layer. MLA attention (DeepSeek-V2/V3): `MLAAttention.
+# process_weights_after_loading` (vllm/model_executor/layers/attention/mla_attention.py) rebuilds W_UV and W_UK_T
+# from the reloaded kv_b_proj (found as "stale" by the check below on a GPU vLLM 0.26 before this list).
+DERIVED_PARAMETER_SUFFIXES = (".W_UV", ".W_UK_T")
+
+
 def expert_name_variants(name: str) -> set[str]:
     """Names under which vLLM's `load_weights` may report parameter `name` as loaded: itself, and without
     the `routed_experts.` component that `MoERunner.load_weights` drops (module docstring)."""
@@ -189,9 +196,11 @@ def expert_name_variants(name: str) -> set[str]:
 
 
 def stale_parameters(parameters: Iterable[str], loaded: Iterable[str]) -> list[str]:
-    """Engine parameters that received no weight, after mapping the expert names back."""
+    """Engine parameters that received no weight, after mapping the expert names back (parameters vLLM derives
+    from loaded ones, `DERIVED_PARAMETER_SUFFIXES`, excepted)."""
     loaded = set(loaded)
-    return sorted(p for p in parameters if not (expert_name_variants(p) & loaded))
+    return sorted(p for p in parameters
+                  if not (expert_name_variants(p) & loaded) and not p.endswith(DERIVED_PARAMETER_SUFFIXES))
 
 
 class _ReloadLogFilter(logging.Filter):
