@@ -7,6 +7,7 @@
     gspo eval CONFIG [key=value ...]       pass@1 / pass@k of the config's model; writes OUTPUT_DIR/eval.json
     gspo report OUTPUT_DIR                 rebuild a pipeline's report.md, plots and per-stage table
     gspo config-reference                  print the config reference (docs/config.md)
+    gspo env                               torch / CUDA / vLLM / transformers / peft / GPU, and any mismatch
 
 Config errors print `error: <message>` on stderr and exit with status 2.
 """
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help=overrides_help)
     r = sub.add_parser("report", help="rebuild a pipeline run's report.md, plots and per-stage table")
     r.add_argument("output_dir")
+    sub.add_parser("env", help="print torch / CUDA / vLLM / transformers / peft / GPU and name any mismatch")
     sub.add_parser("config-reference", help="print the config reference as markdown").add_argument(
         "--markdown", action="store_true", help="(default) markdown output")
     return p
@@ -326,6 +328,15 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _env() -> int:
+    """Exit status 1 when a mismatch is found (scripts can gate on it)."""
+    from gspo.envinfo import collect, mismatches, render
+
+    rep = collect()
+    print(render(rep))
+    return 1 if mismatches(rep) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -354,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "env":
+            return _env()
         print(config_reference(), end="")
         return 0
     except (ConfigError, OutputDirError) as e:

@@ -19,6 +19,7 @@ def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
     """Build the rollout engine registered as `name` (unknown names list the valid ones).
 
     kwargs: model_path, tokenizer, dtype, seed, max_model_len, gpu_memory_utilization,
-    kv_cache_memory_bytes, enforce_eager, model (the trainer's policy; used by "hf_generate").
+    kv_cache_memory_bytes, enforce_eager, model (the trainer's policy; used by "hf_generate"), max_num_seqs
+    (sequences per generate call: sizes vLLM's KV cache and CUDA graphs).
     """
     return ROLLOUT_ENGINES.get(name)(**kwargs)

@@ -184,14 +184,15 @@ def build_hf_generate(
     dtype: str,
     seed: int,
     max_model_len: int,
-    gpu_memory_utilization: float,
+    gpu_memory_utilization: float | None,
     kv_cache_memory_bytes: int | None,
-    enforce_eager: bool,
+    enforce_eager: bool | None,
     model: torch.nn.Module | None = None,
+    max_num_seqs: int | None = None,
 ) -> HFGenerateEngine:
     """Engine builder. Samples with `model` (the trainer's policy, no sync needed) when given; otherwise
     loads its own copy from `model_path` in `dtype` (then `update_weights` copies the trainer's weights)."""
-    del seed, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager
+    del seed, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager, max_num_seqs
     if model is None:
         from transformers import AutoModelForCausalLM
 

@@ -141,7 +141,8 @@ class GSPOTrainer:
             r.engine, model_path=self.model_path, tokenizer=self.tokenizer, dtype=cfg.rollout_dtype,
             seed=cfg.seed, max_model_len=r.max_model_len or self._default_max_len(),
             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
-            enforce_eager=r.enforce_eager, model=self.accelerator.unwrap_model(self.model))
+            enforce_eager=r.enforce_eager, model=self.accelerator.unwrap_model(self.model),
+            max_num_seqs=r.prompts_per_step * r.group_size)
         if resume and use_lora:  # the engine loaded the base: give it the resumed merged policy
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
@@ -278,6 +279,9 @@ class GSPOTrainer:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         rollout_metrics = self._rollout_metrics(data, result.metrics)
+        stats = getattr(self.engine, "last_sync_stats", None)
+        if stats is not None:  # vLLM: the sync's cost (s, GB, GB/s) next to the hop timings
+            rollout_metrics.update(stats.metrics())
         if self.eval_cfg is not None and self.rollout_idx % self.cfg.train.eval_every == 0:
             with timer("eval"):  # after the weight sync: the engine samples the updated policy
                 rollout_metrics.update(self.evaluate())
