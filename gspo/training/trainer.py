@@ -126,7 +126,8 @@ class GSPOTrainer:
         self.engine = build_engine(cfg.rollout, EngineInputs(
             self.policy.model_path, self.tokenizer, dtype=cfg.rollout_dtype, seed=cfg.seed,
             max_model_len=cfg.rollout.max_model_len or self._default_max_len(),
-            model=self.accelerator.unwrap_model(self.model)))
+            model=self.accelerator.unwrap_model(self.model),
+            max_num_seqs=cfg.rollout.prompts_per_step * cfg.rollout.group_size))
         if self.policy.engine_needs_first_sync:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
@@ -263,6 +264,9 @@ class GSPOTrainer:
             self.engine.update_weights(self.accelerator.unwrap_model(self.model))
 
         rollout_metrics = self._rollout_metrics(data, result.metrics)
+        stats = getattr(self.engine, "last_sync_stats", None)
+        if stats is not None:  # vLLM: the sync's cost (s, GB, GB/s) next to the hop timings
+            rollout_metrics.update(stats.metrics())
         if self.eval_cfg is not None and self.rollout_idx % self.cfg.train.eval_every == 0:
             with timer("eval"):  # after the weight sync: the engine samples the updated policy
                 rollout_metrics.update(self.evaluate())
