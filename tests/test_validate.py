@@ -119,7 +119,10 @@ def test_readme_use_examples_run_as_written_after_the_demo(capsys, monkeypatch):
     lines = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.startswith("gspo ")]
     assert len(lines) >= 5
     for words in lines:
-        command, config, *rest = words[1:]
+        command, *rest = words[1:]
+        if command == "env":  # takes no config
+            continue
+        config, *rest = rest
         args = [w for w in rest if "=" in w]
         if command == "pipeline":
             if any(a.startswith("stages.") for a in args):  # changes a stage the demo finished

@@ -349,28 +349,35 @@ def load_policy(model_cfg: Any, *, output_dir: str | os.PathLike, device: str | 
     return model, tokenizer
 
 
+def in_memory_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """(state, hf_model): the policy's weights under transformers' in-memory names, detached, tied weights once
+    (as saved), and the plain HF model they belong to. A peft (LoRA) policy gives its merged weights
+    (`gspo.models.lora.merged_state_dict`) under the plain model's names."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from gspo.models.lora import hf_model_of, is_lora, merged_state_dict
+
+    base = _unwrap(model)
+    with torch.no_grad():
+        if is_lora(base):
+            state, base = merged_state_dict(base), hf_model_of(base)
+        else:
+            state = {k: v.detach() for k, v in base.state_dict().items()}
+        return remove_tied_weights_from_state_dict(state, base), base
+
+
 def checkpoint_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights as `(name, tensor)` under the names `save_pretrained` writes.
 
     transformers 5 renames and fuses some weights in memory (e.g. Mixtral's per-expert w1/w2/w3 become
     fused `gate_up_proj`/`down_proj`); `revert_weight_conversion` maps them back, exactly as saving does.
     Tied weights appear once (as saved). Tensors are detached and share storage where no conversion applies.
-    A peft (LoRA) policy yields its merged weights (`gspo.models.lora.merged_state_dict`): a normal checkpoint.
+    A peft (LoRA) policy yields its merged weights: a normal checkpoint.
     """
     from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    base = _unwrap(model)
+    state, base = in_memory_state(model)
     with torch.no_grad():
-        # --- LoRA: a peft policy is sent / saved merged (W + ΔW) under the plain model's names. ---
-        from gspo.models.lora import hf_model_of, is_lora, merged_state_dict
-
-        if is_lora(base):
-            state, base = merged_state_dict(base), hf_model_of(base)
-        else:
-            state = {k: v.detach() for k, v in base.state_dict().items()}
-        # --- end LoRA ---
-        state = remove_tied_weights_from_state_dict(state, base)
         state = revert_weight_conversion(base, state)
     yield from state.items()
 

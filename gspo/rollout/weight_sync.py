@@ -129,18 +129,11 @@ def checkpoint_buckets(model: torch.nn.Module) -> Iterator[dict[str, torch.Tenso
     so converting per layer gives what converting the whole state does (tests/test_weight_sync.py checks this
     for every tiny family)."""
     from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from gspo.models.lora import hf_model_of, is_lora, merged_state_dict
-    from gspo.models.provenance import _unwrap
+    from gspo.models.loading import in_memory_state
 
-    base = _unwrap(model)
+    state, base = in_memory_state(model)
     with torch.no_grad():
-        if is_lora(base):
-            state, base = merged_state_dict(base), hf_model_of(base)
-        else:
-            state = {k: v.detach() for k, v in base.state_dict().items()}
-        state = remove_tied_weights_from_state_dict(state, base)
         archs = set(getattr(base.config, "architectures", None) or [type(base).__name__])
         fused_ok: bool | None = None if FUSED_EXPERTS and archs & FUSED_EXPERT_ARCHITECTURES else False
         for group in group_by_layer(state):
