@@ -112,6 +112,9 @@ class StageSpec:
     # None (not checkable here). Unset: the `data` section's rows (gspo.data.build_dataset).
     data_rows: Callable[[Any], list[dict[str, Any]] | None] | None = None
     summary: Callable[[Any], list[str]] | None = None  # `gspo validate`'s lines about this stage's settings
+    # The most processes of one launch (torchrun, accelerate launch) the runner handles; None: any (the runner
+    # is a distributed job). Preflight refuses a larger launch before anything loads (gspo/launch.py).
+    max_processes: int | None = None
 
 
 STAGES: Registry[StageSpec] = Registry("stage")

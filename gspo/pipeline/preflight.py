@@ -8,6 +8,7 @@
     rewards    each reward's signature can take the data's columns (the trainer's start-up check, run early)
     output_dir writable, and safe to write: not another run's or someone else's files (gspo/pipeline/run_record.py)
     resume_from a finished checkpoint exists (`latest` in output_dir, or the named folder)
+    processes  the launch (torchrun, accelerate launch, mpirun) has no more processes than the stage runs on
 
 `preflight` returns (problems, notes): problems are ConfigErrors (one line each, naming the key), notes are
 facts worth printing (a Hub id). Nothing here downloads or loads a model.
@@ -20,6 +21,7 @@ import re
 from typing import Any
 
 from gspo.config import Config, ConfigError
+from gspo.launch import process_count_problem
 from gspo.registry import STAGES
 
 # A Hugging Face Hub repo id: `name` or `org/name` (letters, digits, - _ .). A local path that does not exist
@@ -85,6 +87,9 @@ def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = (
 
     problems: list[ConfigError] = []
     notes: list[str] = []
+    too_many = process_count_problem(cfg.stage, STAGES.get(cfg.stage).max_processes)
+    if too_many:
+        problems.append(ConfigError(f"stage: {too_many}", "stage"))
     paths = [("model.name_or_path", cfg.model.name_or_path)]
     paths += [(f"rewards.{i}.kwargs.model_path", r.kwargs["model_path"]) for i, r in enumerate(cfg.rewards)
               if isinstance(r.kwargs.get("model_path"), str)]

@@ -35,6 +35,7 @@ import torch
 
 from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
+from gspo.launch import process_count_problem
 from gspo.models.policy import Policy, save_final
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
@@ -91,12 +92,15 @@ class GSPOTrainer:
         os.makedirs(self.out, exist_ok=True)
         set_seed(cfg.seed)
         trackers = list(cfg.logging.trackers) or None
+        # Every process would sample its own rollouts and write the same files: refuse instead, reading the
+        # launcher's environment (accelerate's own count misses torchrun on a machine without CUDA).
+        too_many = process_count_problem("rl", 1)
+        if too_many:
+            raise RuntimeError(too_many)
         self.accelerator = Accelerator(log_with=trackers, project_dir=self.out)
         if self.accelerator.num_processes > 1:
-            # Every process would sample its own rollouts and write the same files: refuse instead.
-            raise RuntimeError(f"the rl stage runs on one process; got {self.accelerator.num_processes} "
-                               "(multi-GPU RL needs a server-mode engine and sharded rollouts, not built yet); "
-                               "launch the rl stages on one GPU")
+            raise RuntimeError(f"the rl stage runs on one process; accelerate started "
+                               f"{self.accelerator.num_processes}: launch the rl stage as one process")
 
         resume = resolve_checkpoint(self.out, cfg.resume_from) if cfg.resume_from else None
         # Full or LoRA: the Policy owns every difference (loading, resuming, the KL reference, saving).
@@ -441,4 +445,5 @@ def _summary(cfg: Any) -> list[str]:
 STAGES.register("rl", StageSpec(
     name="rl", runner=run_rl, help="GSPO (or a baseline loss) on the configured rewards",
     sections=("rollout", "algorithm", "optim", "train", "moe", "lora"), consumes=("policy",),
-    produces="policy", output="final", needs_rewards=True, summary=_summary))
+    produces="policy", output="final", needs_rewards=True, summary=_summary,
+    max_processes=1))  # one rollout engine and one writer: a multi-process launch is refused up front

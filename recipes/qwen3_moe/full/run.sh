@@ -7,8 +7,8 @@
 #
 # Overrides pass through: `stages.<stage>.<key>=value` for the pipeline, `<key>=value` for a stage.
 # Environment: NUM_GPUS (1 or 8; default 8: full weights of a 30B model need FSDP over 8 GPUs; the rl stages
-# run on one process only for now and refuse a multi-process launch, so today 8 GPUs serve the SFT and
-# reward-model stages),
+# run on one process only for now and refuse a multi-process launch before anything loads, a pipeline with
+# an rl stage included, so today 8 GPUs serve the SFT and reward-model stages run one at a time: run.sh STAGE),
 # DRY_RUN=1 (print the command and validate the config(s) instead of running).
 # Stages: cold_start reasoning_rl rejection_sampling rs_sft reward_model alignment_rl.
 set -euo pipefail
