@@ -398,3 +398,50 @@ def test_names_fix_level_clip_and_advantage_scale():
     for name, fact in facts.items():
         s = LOSSES.get(name)
         assert (s.level, s.clip_low, s.clip_high, s.advantage, s.per_token_advantages) == fact, name
+
+
+# ------------------------------------------------------------------------- a batch split across processes
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("seed", range(4))
+def test_shards_weighted_by_their_count_give_the_whole_batch_gradient(name, seed, beta):
+    """Data parallelism: each process computes the loss on its rows, the gradients are averaged. Weighted by
+    `shard_weight` (the loss's own normaliser), the average equals the gradient of the whole batch's loss,
+    for every registered loss (sequence mean, token mean over the batch, Dr.GRPO's constant), uneven shards
+    and a shard whose only completion is empty included."""
+    from gspo.algorithms import shard_weight
+
+    spec = LOSSES.get(name)
+    logp, old, adv, mask, _ = random_batch(seed, spread_for(name), n=7, t=9)
+    mask[3] = False  # an empty completion (no term, no token) in the middle
+    ref = old - 0.05 * torch.rand_like(old)
+    full, g_full = run(name, logp, old, adv, mask, **({"ref_logp": ref, "beta": beta} if beta else {}))
+    for cuts in ([0, 3, 7], [0, 1, 3, 4, 7], [0, 7, 7]):  # 2, 4 (one holding only the empty row), 2 (one empty)
+        world = len(cuts) - 1
+        total = spec.batch_count(mask)
+        g_dist = torch.zeros_like(logp)
+        loss_dist = 0.0
+        for r in range(world):
+            rows = slice(cuts[r], cuts[r + 1])
+            w = shard_weight(spec.batch_count(mask[rows]), total, world)
+            if cuts[r] == cuts[r + 1]:
+                assert w == 0.0
+                continue
+            kw = {"ref_logp": ref[rows], "beta": beta} if beta else {}
+            out, g = run(name, logp[rows], old[rows], adv[rows], mask[rows], **kw)
+            g_dist[rows] += w * g / world
+            loss_dist += w * float(out.loss) / world
+        torch.testing.assert_close(g_dist, g_full, rtol=1e-9, atol=1e-12, msg=f"{name} cuts={cuts}")
+        assert loss_dist == pytest.approx(float(full.loss), rel=1e-9, abs=1e-12), (name, cuts)
+
+
+@pytest.mark.timeout(60)
+def test_normalizers_count_what_the_losses_divide_by():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    counts = {name: LOSSES.get(name).batch_count(mask) for name in LOSSES}
+    assert counts == {"gspo": 2.0, "gspo_token": 2.0, "grpo": 2.0, "dr_grpo": 3.0, "dapo": 3.0}
+    with pytest.raises(ValueError, match="normalizer must be one of"):
+        LossSpec("x", gspo_loss, "sequence", 0.1, 0.1, "std", False, "x", "sequences")

@@ -16,6 +16,7 @@ from gspo.algorithms.losses import (
     grpo_loss,
     gspo_loss,
     gspo_token_loss,
+    shard_weight,
 )
 from gspo.algorithms.ratios import masked_mean, masked_sum, sequence_log_ratio, token_log_ratio
 
@@ -36,6 +37,7 @@ __all__ = [
     "masked_sum",
     "mean_advantages",
     "sequence_log_ratio",
+    "shard_weight",
     "std_advantages",
     "token_log_ratio",
 ]

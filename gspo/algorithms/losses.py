@@ -70,6 +70,28 @@ METRIC_KEYS = (
 )
 
 
+# What a loss's batch sum is divided by, counted on the completion mask [N, T] (bool).
+NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor | int]] = {
+    "completions": lambda m: m.any(-1).sum(),
+    "tokens": lambda m: m.sum(),
+    "rows": lambda m: m.shape[0],
+}
+
+
+def shard_weight(local_count: float, global_count: float, world_size: int) -> float:
+    """The factor one process's loss (computed on its shard of the batch, normalised by its own count) is
+    multiplied by so that the gradients averaged over `world_size` processes (the all-reduce / reduce-scatter
+    of data parallelism averages) equal the gradient of the loss on the whole batch:
+
+        L = (1/C) sum_all x = sum_r (C_r/C) L_r,   mean_r (W C_r/C) grad L_r = grad L
+
+    with C the batch's count (`LossSpec.batch_count`), C_r the shard's. A shard with nothing to count
+    weighs 0; so does every shard of a batch with nothing to count (its loss is 0 anyway)."""
+    if global_count <= 0:
+        return 0.0
+    return world_size * local_count / global_count
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registered policy loss and the facts its name fixes.
@@ -79,6 +101,10 @@ class LossSpec:
     clip_low, clip_high: the default clip range (also the defaults of `fn`).
     advantage: which group advantage the algorithm uses, a name in `gspo.registry.ADVANTAGES`.
     per_token_advantages: whether `fn` accepts [N, T] advantages.
+    normalizer: what the loss divides its sum over the batch by, as a count `batch_count(mask)` gives:
+           "completions" (completions with a valid token: a mean over completions), "tokens" (valid tokens:
+           DAPO's token mean over the batch) or "rows" (every row: Dr.GRPO's N * L_max, L_max a constant).
+           A batch split across processes is weighted by it (`shard_weight`).
     """
 
     name: str
@@ -89,10 +115,18 @@ class LossSpec:
     advantage: str
     per_token_advantages: bool
     description: str
+    normalizer: str = "completions"
 
     def __post_init__(self) -> None:
         if self.level not in ("sequence", "token"):
             raise ValueError(f"LossSpec {self.name!r}: level must be 'sequence' or 'token', got {self.level!r}")
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"LossSpec {self.name!r}: normalizer must be one of {sorted(NORMALIZERS)}, "
+                             f"got {self.normalizer!r}")
+
+    def batch_count(self, mask: torch.Tensor) -> float:
+        """The count this loss divides its batch sum by, for completions with `mask` [N, T]."""
+        return float(NORMALIZERS[self.normalizer](as_bool_mask(mask)))
 
     def __call__(self, *args, **kwargs) -> LossOutput:
         return self.fn(*args, **kwargs)
@@ -391,9 +425,9 @@ for _spec in (
     LossSpec("grpo", grpo_loss, "token", *GRPO_CLIP, "std", True,
              "GRPO: token ratio, token mean within a completion, mean over completions"),
     LossSpec("dr_grpo", dr_grpo_loss, "token", *GRPO_CLIP, "none", True,
-             "Dr.GRPO: token ratio, token sum / (N * max_completion_length), mean-only advantages"),
+             "Dr.GRPO: token ratio, token sum / (N * max_completion_length), mean-only advantages", "rows"),
     LossSpec("dapo", dapo_loss, "token", *DAPO_CLIP, "std", True,
-             "DAPO: token ratio, token mean over the whole batch, clip-higher 0.2 / 0.28"),
+             "DAPO: token ratio, token mean over the whole batch, clip-higher 0.2 / 0.28", "tokens"),
 ):
     LOSSES.register(_spec.name, _spec)
 del _spec
