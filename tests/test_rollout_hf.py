@@ -3,6 +3,7 @@ prompt-major order, and weight updates into a separate copy."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -121,6 +122,24 @@ def test_seeds(setup):
     assert not torch.equal(a.completion_ids, c.completion_ids)
     # The G completions of one prompt are not copies of each other.
     assert len({tuple(r) for r in a.completion_ids[:3].tolist()}) > 1
+
+
+def test_a_slice_sampled_with_its_offset_gets_the_whole_calls_completions(setup):
+    """One prompt per generate call: a process sampling prompts[1:] with first_prompt=1 gets exactly the rows
+    the whole call gives them (how a rollout split across processes keeps the unsplit run's samples)."""
+    from gspo.rollout.hf_generate import HFGenerateEngine
+
+    _, tok, model, _, prompts = setup
+    engine = HFGenerateEngine(model, tok, batch_prompts=1)
+    spec = SamplingSpec(n=3, max_new_tokens=8, seed=5)
+    whole = engine.generate(prompts, spec)
+    part = engine.generate(prompts[1:], dataclasses.replace(spec, first_prompt=1))
+    width = part.completion_ids.shape[1]
+    assert torch.equal(part.completion_ids, whole.completion_ids[3:, :width])
+    assert part.completions == whole.completions[3:]
+    torch.testing.assert_close(part.logp, whole.logp[3:, :width])
+    # Without the offset the slice would reuse prompt 0's seeds: different samples.
+    assert not torch.equal(engine.generate(prompts[1:], spec).completion_ids, part.completion_ids)
 
 
 def test_prompt_major_order_and_padding(setup):

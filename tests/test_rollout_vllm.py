@@ -114,6 +114,20 @@ def test_seed_order_and_shapes(setup):
         assert a.completions[i] == tok.decode(a.completion_ids[i, :n_tok].tolist(), skip_special_tokens=True)
 
 
+def test_a_slice_sampled_with_its_offset_gets_the_whole_calls_completions(setup):
+    """vLLM seeds each prompt's request: prompts[1:] sampled with first_prompt=1 (a process's slice of a
+    rollout) get exactly the rows the whole call gives them."""
+    import dataclasses
+
+    _, _, _, engine, prompts = setup
+    whole = engine.generate(prompts, SPEC)
+    part = engine.generate(prompts[1:], dataclasses.replace(SPEC, first_prompt=1))
+    width = part.completion_ids.shape[1]
+    assert torch.equal(part.completion_ids, whole.completion_ids[SPEC.n:, :width])
+    torch.testing.assert_close(part.logp, whole.logp[SPEC.n:, :width])
+    assert not torch.equal(engine.generate(prompts[1:], SPEC).completion_ids, part.completion_ids)
+
+
 def test_finish_reasons(setup):
     _, tok, _, engine, prompts = setup
     cut = engine.generate(prompts, SamplingSpec(n=2, max_new_tokens=3, seed=0))

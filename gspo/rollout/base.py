@@ -26,6 +26,9 @@ class SamplingSpec:
     top_k: int = -1  # -1 = off
     seed: int | None = None  # per-call seed; engines derive per-completion seeds from it
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
+    # The index of the call's first prompt in the whole rollout: a process that samples a slice of a rollout
+    # passes the slice's offset, so each prompt gets the seeds it gets in the unsplit call (`derive_seed`).
+    first_prompt: int = 0
 
 
 @dataclass

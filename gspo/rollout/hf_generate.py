@@ -9,7 +9,9 @@ which would hold every step's scores (64 rows x 256 steps x a 152k vocabulary = 
 Batching: all B*G rows go through one `generate` call (each prompt repeated G times, prompt-major), or
 `batch_prompts` prompts at a time when set. Seeds: with `SamplingSpec.seed` set, each such call runs under
 a forked RNG seeded with `derive_seed(seed, first_prompt_index, G)`, so the same prompts, seed and
-`batch_prompts` give the same completions and the caller's global RNG is left untouched. (Unlike vLLM, a
+`batch_prompts` give the same completions and the caller's global RNG is left untouched. `first_prompt_index`
+counts from `SamplingSpec.first_prompt`, so with `batch_prompts=1` a slice of a rollout sampled on its own
+gets the completions it gets in the whole call. (Unlike vLLM, a
 prompt's samples depend on the other prompts of its call: one sampler draws for the whole batch.)
 """
 
@@ -142,7 +144,7 @@ class HFGenerateEngine:
                     parts.append(self._sample(chunk, sampling, gen_cfg))
                     continue
                 with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(derive_seed(sampling.seed, start, sampling.n))
+                    torch.manual_seed(derive_seed(sampling.seed, sampling.first_prompt + start, sampling.n))
                     parts.append(self._sample(chunk, sampling, gen_cfg))
         finally:
             self.model.train(was_training)

@@ -125,7 +125,7 @@ class VLLMColocateEngine:
                 top_p=sampling.top_p,
                 top_k=max(0, sampling.top_k),
                 max_tokens=sampling.max_new_tokens,
-                seed=derive_seed(sampling.seed, b, sampling.n),
+                seed=derive_seed(sampling.seed, sampling.first_prompt + b, sampling.n),
                 logprobs=0,
                 stop_token_ids=stop_ids,
                 skip_special_tokens=True,
