@@ -1,0 +1,68 @@
+"""FSDP2 sharding of the policy for a multi-process launch, and its full weights one parameter at a time.
+
+`shard_policy` applies torch's `fully_shard` (FSDP2, the well-kept implementation; accelerate's FSDP plugin v2
+wraps the same call) with one unit per decoder layer (the model's `_no_split_modules`, as accelerate's
+transformer auto-wrap picks them) and the root last. Mixed precision is the standard recipe: parameters kept
+(and the optimizer stepping) in their load dtype (fp32 master weights), compute in `param_dtype` (bf16 on
+GPUs), gradients reduced in fp32.
+
+`full_state_items` is what an engine needs after an update: every tensor of the state dict as a full tensor,
+gathered (`DTensor.full_tensor`) one parameter at a time, so no process ever holds a full copy of the model
+beyond the engine's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP wraps as units: instances of the HF model's `_no_split_modules` classes."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(model).__name__} names no decoder-layer classes (_no_split_modules): "
+                         "cannot choose FSDP units")
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no module of the classes {sorted(names)} found")
+    return layers
+
+
+def shard_policy(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None,
+                 mesh=None) -> torch.nn.Module:
+    """Shard `model` in place over the default process group (or `mesh`): one FSDP2 unit per decoder
+    layer, then the root (embeddings, norm, head). `param_dtype`: the compute dtype (None: the parameters'
+    own, e.g. fp32 on CPU); gradients are always reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def full_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every entry of the (possibly sharded) model's state dict, gathered one at a
+    time. Every process must iterate it to the end: each gather is a collective."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+@torch.no_grad()
+def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> int:
+    """Copy the sharded (or plain) `src`'s weights into the unsharded `dst` (an engine's copy of the same
+    architecture) one tensor at a time; returns how many tensors were copied. A name `dst` lacks is an error:
+    the engine would silently sample with stale weights."""
+    target = dst.state_dict()
+    n = 0
+    for name, full in full_state_items(src):
+        if name not in target:
+            raise KeyError(f"copy_full_weights: {name!r} is not in the engine's model ({type(dst).__name__})")
+        target[name].copy_(full.to(target[name].dtype))
+        n += 1
+    return n
