@@ -18,24 +18,3 @@ from gspo.algorithms.losses import (
     gspo_token_loss,
 )
 from gspo.algorithms.ratios import masked_mean, masked_sum, sequence_log_ratio, token_log_ratio
-
-__all__ = [
-    "METRIC_KEYS",
-    "LossOutput",
-    "LossSpec",
-    "dapo_loss",
-    "dr_grpo_loss",
-    "group_advantages",
-    "group_reward_stats",
-    "grpo_loss",
-    "gspo_loss",
-    "gspo_token_loss",
-    "kl_k1",
-    "kl_k3",
-    "masked_mean",
-    "masked_sum",
-    "mean_advantages",
-    "sequence_log_ratio",
-    "std_advantages",
-    "token_log_ratio",
-]
