@@ -322,8 +322,7 @@ def build(cls: type, data: Any) -> Any:
         obj = cls.model_validate(data)
     except ValidationError as e:
         obj = None
-        for err in e.errors(include_url=False):
-            errors.append(_message(cls, {**err, "_data": data}))
+        errors = [_message(cls, {**err, "_data": data}) for err in e.errors(include_url=False)]
     _required(cls, data, "", errors)
     _raise(errors)
     return obj

@@ -184,8 +184,7 @@ def _plot_keys(spec: Any, rows: list[dict[str, Any]], stage_type: str, plot: str
     if stage_type == "sft":
         return []  # SFT rows have a loss and token accuracy only; the RL plots would mislabel them
     if spec == "eval/":
-        present = sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/reward/mean"))})
-        return present
+        return sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/reward/mean"))})
     if spec == "moe/":
         present = {k for r in rows for k in r}
         return [k for k in MOE_KEYS if k in present]
