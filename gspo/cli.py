@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         return c
 
     overrides_help = "overrides `key.sub=value` (value parsed as YAML), applied after the file"
-    v = command("validate", _validate, "check a config without loading a model; print a summary", overrides_help)
+    v = command("validate", _validate, "check a config without loading a model; print a summary",
+                overrides_help)
     v.add_argument("--print-config", action="store_true", help="also print the full resolved config as YAML")
     command("train", _train, "validate a config, then run its stage", overrides_help)
     pl = command("pipeline", _pipeline, "run a multi-stage pipeline file (resumes where it stopped)",
