@@ -18,11 +18,12 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from gspo.config import Config, ConfigError, RewardSpec, load_config, public_fields, type_name
+from gspo.config import Config, ConfigError, RewardSpec, is_required, load_config, type_name
 from gspo.pipeline.run_record import OutputDirError, claim_output_dir, note_written
 
 EXIT_USAGE = 2  # a config / usage mistake, found before anything ran
@@ -34,31 +35,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="print the full traceback of an error (user errors print one line without it)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str,
+                overrides: str | None = None) -> argparse.ArgumentParser:
+        """A subcommand run by `run(args)`; `overrides` (their help) adds CONFIG and the `key=value` list."""
+        c = sub.add_parser(name, help=help)
+        c.set_defaults(run=run)
+        if overrides:
+            c.add_argument("config")
+            c.add_argument("overrides", nargs="*", help=overrides)
+        return c
+
     overrides_help = "overrides `key.sub=value` (value parsed as YAML), applied after the file"
-    v = sub.add_parser("validate", help="check a config without loading a model; print a summary")
-    v.add_argument("config")
-    v.add_argument("overrides", nargs="*", help=overrides_help)
+    v = command("validate", _validate, "check a config without loading a model; print a summary",
+                overrides_help)
     v.add_argument("--print-config", action="store_true", help="also print the full resolved config as YAML")
-    t = sub.add_parser("train", help="validate a config, then run its stage")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help=overrides_help)
-    pl = sub.add_parser("pipeline", help="run a multi-stage pipeline file (resumes where it stopped)")
-    pl.add_argument("config")
-    pl.add_argument("overrides", nargs="*",
-                    help="`stages.<stage>.<key>=value` (one stage) or `output_dir=...`")
+    command("train", _train, "validate a config, then run its stage", overrides_help)
+    pl = command("pipeline", _pipeline, "run a multi-stage pipeline file (resumes where it stopped)",
+                 "`stages.<stage>.<key>=value` (one stage) or `output_dir=...`")
     pl.add_argument("--dry-run", action="store_true",
                     help="validate every stage with its wiring; run nothing")
     pl.add_argument("--rerun", action="store_true",
                     help="run a finished stage whose config changed again (and every stage after it)")
     pl.add_argument("--no-report", action="store_true", help="skip report.md and the plots at the end")
-    e = sub.add_parser("eval", help="pass@1 / pass@k of the config's model on its data and rewards")
-    e.add_argument("config")
-    e.add_argument("overrides", nargs="*", help=overrides_help)
-    r = sub.add_parser("report", help="rebuild a pipeline run's report.md, plots and per-stage table")
-    r.add_argument("output_dir")
-    sub.add_parser("stages", help="print the registered stages as a markdown table (docs/stages.md has it)")
-    sub.add_parser("env", help="print torch / CUDA / vLLM / transformers / peft / GPU and name any mismatch")
-    sub.add_parser("config-reference", help="print the config reference as markdown").add_argument(
+    command("eval", _eval, "pass@1 / pass@k of the config's model on its data and rewards", overrides_help)
+    command("report", _report, "rebuild a pipeline run's report.md, plots and per-stage table").add_argument(
+        "output_dir")
+    command("stages", lambda args: _print(stages_table()),
+            "print the registered stages as a markdown table (docs/stages.md has it)")
+    command("env", _env, "print torch / CUDA / vLLM / transformers / peft / GPU and name any mismatch")
+    command("config-reference", lambda args: _print(config_reference(), end=""),
+            "print the config reference as markdown").add_argument(
         "--markdown", action="store_true", help="(default) markdown output")
     return p
 
@@ -214,13 +221,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _fmt_default(f: Any) -> str:
-    if f.default_factory is not None:
-        value = f.default_factory()
-        if isinstance(value, BaseModel):
-            return ""
-    else:
-        value = f.default
-    if f.metadata.get("required"):
+    value = f.default_factory() if f.default_factory is not None else f.default
+    if isinstance(value, BaseModel):
+        return ""
+    if is_required(f):
         return "required"
     if value is None:
         return "`null`"
@@ -235,14 +239,16 @@ def _fmt_default(f: Any) -> str:
     return f"`{value!r}`"
 
 
+_SIGNS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
+
+
 def _table(cls: type, prefix: str) -> list[str]:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    for f in public_fields(cls):
-        bounds = f.metadata.get("bounds", {})
-        extra = " ".join(f"({'≥' if op == 'ge' else '>' if op == 'gt' else '≤' if op == 'le' else '<'} {v})"
-                         for op, v in bounds.items())
-        help_text = f.metadata["help"] + (f" {extra}" if extra else "")
-        rows.append(f"| `{prefix}{f.name}` | {type_name(f.annotation).replace('|', '&#124;')} | "
+    for name, f in cls.model_fields.items():
+        # pydantic keeps a field's bounds as annotated_types metadata (Ge(ge=1), ...), lower bound first.
+        bounds = [(op, getattr(m, op)) for m in f.metadata if (op := type(m).__name__.lower()) in _SIGNS]
+        help_text = " ".join([f.description or ""] + [f"({_SIGNS[op]} {v})" for op, v in bounds])
+        rows.append(f"| `{prefix}{name}` | {type_name(f.annotation).replace('|', '&#124;')} | "
                     f"{_fmt_default(f)} | {help_text.replace('|', '&#124;')} |")
     return rows
 
@@ -278,19 +284,15 @@ def config_reference() -> str:
         "## Top level",
         "",
     ]
-    sections = []
-    top = []
-    for f in public_fields(Config):
-        if f.default_factory is not None and isinstance(f.default_factory(), BaseModel):
-            sections.append(f)
-        elif f.name != "rewards":
-            top.append(f)
+    fields = Config.model_fields
+    sections = [name for name, f in fields.items() if isinstance(f.annotation, type)
+                and issubclass(f.annotation, BaseModel)]
     rows = _table(Config, "")
-    out += [rows[0], rows[1]] + [r for r, f in zip(rows[2:], public_fields(Config)) if f in top] + [""]
-    for f in sections:
-        out += [f"## `{f.name}`", "", f.metadata["help"], ""] + _table(f.default_factory, f"{f.name}.") + [""]
-    rewards = next(f for f in public_fields(Config) if f.name == "rewards")
-    out += ["## `rewards`", "", rewards.metadata["help"] + " " + (RewardSpec.__doc__ or ""),
+    out += rows[:2] + [r for r, name in zip(rows[2:], fields) if name not in sections + ["rewards"]] + [""]
+    for name in sections:
+        f = fields[name]
+        out += [f"## `{name}`", "", f.description, ""] + _table(f.annotation, f"{name}.") + [""]
+    out += ["## `rewards`", "", fields["rewards"].description + " " + (RewardSpec.__doc__ or ""),
             "Each item:", ""] + _table(RewardSpec, "rewards.N.") + [""]
     return "\n".join(out)
 
@@ -317,7 +319,12 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
-def _env() -> int:
+def _print(text: str, end: str = "\n") -> int:
+    print(text, end=end)
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
     """Exit status 1 when a mismatch is found (scripts can gate on it)."""
     from gspo.envinfo import collect, mismatches, render
 
@@ -344,23 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command == "validate":
-            return _validate(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "pipeline":
-            return _pipeline(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "report":
-            return _report(args)
-        if args.command == "stages":
-            print(stages_table())
-            return 0
-        if args.command == "env":
-            return _env()
-        print(config_reference(), end="")
-        return 0
+        return args.run(args)
     except (ConfigError, OutputDirError) as e:
         if debug:
             raise

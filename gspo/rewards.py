@@ -389,21 +389,18 @@ def _validate(raw: Any, n: int) -> tuple[list[float], list[tuple[int, str]]]:
     values: list[float] = []
     bad: list[tuple[int, str]] = []
     for i, v in enumerate(raw):
-        if v is None:
-            values.append(math.nan)
-        elif isinstance(v, numbers.Real):  # bool and numpy scalars included
+        problem = None
+        if isinstance(v, numbers.Real):  # bool and numpy scalars included
             v = float(v)
             if not math.isfinite(v):
-                values.append(math.nan)
-                bad.append((i, f"returned {v} (non-finite)"))
+                problem = f"returned {v} (non-finite)"
             elif abs(v) > FLOAT32_MAX:  # finite here, inf once stored as float32: caught here, not later
-                values.append(math.nan)
-                bad.append((i, f"returned {v:g} (beyond float32's range, |r| <= {FLOAT32_MAX:.3g})"))
-            else:
-                values.append(v)
-        else:
-            values.append(math.nan)
-            bad.append((i, f"returned a {type(v).__name__} ({_excerpt(repr(v))}), expected float | None"))
+                problem = f"returned {v:g} (beyond float32's range, |r| <= {FLOAT32_MAX:.3g})"
+        elif v is not None:
+            problem = f"returned a {type(v).__name__} ({_excerpt(repr(v))}), expected float | None"
+        values.append(math.nan if v is None or problem else v)
+        if problem:
+            bad.append((i, problem))
     return values, bad
 
 

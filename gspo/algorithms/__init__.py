@@ -19,25 +19,3 @@ from gspo.algorithms.losses import (
     shard_weight,
 )
 from gspo.algorithms.ratios import masked_mean, masked_sum, sequence_log_ratio, token_log_ratio
-
-__all__ = [
-    "METRIC_KEYS",
-    "LossOutput",
-    "LossSpec",
-    "dapo_loss",
-    "dr_grpo_loss",
-    "group_advantages",
-    "group_reward_stats",
-    "grpo_loss",
-    "gspo_loss",
-    "gspo_token_loss",
-    "kl_k1",
-    "kl_k3",
-    "masked_mean",
-    "masked_sum",
-    "mean_advantages",
-    "sequence_log_ratio",
-    "shard_weight",
-    "std_advantages",
-    "token_log_ratio",
-]

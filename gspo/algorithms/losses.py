@@ -189,14 +189,9 @@ def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, 
     return term, is_low, is_high
 
 
-def _mean_over_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of per-completion values x [N] over completions with a valid token (rows [N] bool)."""
-    return masked_mean(x, rows)
-
-
 def _seq_then_batch_mean(x: torch.Tensor, inp: _Inputs) -> torch.Tensor:
     """(1/N) sum_i (1/|y_i|) sum_t x_it: token mean within a completion, then mean over completions."""
-    return _mean_over_rows(masked_mean(x, inp.mask, dim=-1), inp.rows)
+    return masked_mean(masked_mean(x, inp.mask, dim=-1), inp.rows)
 
 
 def _kl_term(fn, inp: _Inputs, ref_logp, beta, kl_estimator, aggregate) -> torch.Tensor | None:
@@ -273,7 +268,7 @@ def gspo_loss(
     s = torch.exp(log_s)  # [N]
     adv = inp.adv[:, 0]  # [N]
     term, low, high = _clipped_objective(s, adv, clip_low, clip_high)  # [N]
-    objective = _mean_over_rows(term, inp.rows)
+    objective = masked_mean(term, inp.rows)  # over completions with a valid token
     kl = _kl_term(fn, inp, ref_logp, beta, kl_estimator, lambda x: _seq_then_batch_mean(x, inp))
     # Token counting: every valid token of a clipped completion counts as clipped.
     return _finish(objective, kl, beta, inp, low[:, None] & inp.mask, high[:, None] & inp.mask,

@@ -3,15 +3,15 @@
 The names a caller needs are importable from `gspo.config` itself.
 """
 
-from gspo.config.parse import (  # noqa: F401
+from gspo.config.parse import (
     SHORTHAND_FIELD,
     ConfigError,
     apply_overrides,
-    public_fields,
+    is_required,
     read_yaml,
     type_name,
 )
-from gspo.config.schema import (  # noqa: F401
+from gspo.config.schema import (
     DEFAULT_REWARD_TIMEOUT_S,
     AlgorithmConfig,
     Config,

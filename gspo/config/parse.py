@@ -1,7 +1,7 @@
 """Reading configs: YAML files, `key.sub=value` overrides, and the pydantic base of the config sections.
 
 `gspo.config.schema` defines the sections (`Section` subclasses whose fields carry their documentation and
-bounds, `field(..., metadata=doc(...))`); this module turns plain data into them: `read_yaml` (rejects
+bounds, `field(default, help, ...)`); this module turns plain data into them: `read_yaml` (rejects
 duplicate keys), `apply_overrides` (values parsed as YAML, list items by index, a bare-string list item
 expanded to its mapping form) and `build` (pydantic validation; every problem becomes a `ConfigError`
 naming the dotted key, the expected type or choices, the closest valid key and the value given).
@@ -13,7 +13,6 @@ import copy
 import os
 import re
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -27,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticUndefined
+from pydantic.fields import FieldInfo
 
 from gspo.registry import closest
 
@@ -164,17 +163,17 @@ def _raise(errors: list[ConfigError]) -> None:
 # (`_lenient`), our error messages (`_message`), and non-empty required keys (`_required`).
 
 
-def doc(help: str, *, required: bool = False, ge: float | None = None, gt: float | None = None,
-        le: float | None = None, lt: float | None = None) -> dict[str, Any]:
-    """A field's metadata: its one-place documentation, and bounds on numeric values (None is not bounded)."""
-    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    return {"help": help, "required": required, "bounds": bounds}
+def field(default: Any, help: str, *, required: bool = False, ge: float | None = None, gt: float | None = None,
+          le: float | None = None, lt: float | None = None) -> Any:
+    """A section field: its default, its one-place documentation (`help`), and bounds on a numeric value (None
+    is not bounded), as a pydantic Field. pydantic copies a mutable default ([], {}, a section) per instance."""
+    return Field(default=default, description=help, json_schema_extra={"required": required}, ge=ge, gt=gt,
+                 le=le, lt=lt)
 
 
-def field(*, metadata: dict[str, Any], default: Any = PydanticUndefined, default_factory: Any = None) -> Any:
-    """A section field: its default, its documentation and bounds (`doc(...)`), as a pydantic Field."""
-    return Field(default=default, default_factory=default_factory, description=metadata["help"],
-                 json_schema_extra={"required": metadata["required"]}, **metadata["bounds"])
+def section(cls: type) -> Any:
+    """A sub-section field of `Config`: defaults to the section's defaults, documented by its docstring."""
+    return field(cls(), cls.__doc__)
 
 
 class Section(BaseModel):
@@ -198,31 +197,9 @@ class Section(BaseModel):
         return _lenient(value, cls.model_fields[info.field_name].annotation)
 
 
-BOUND_ORDER = ("ge", "gt", "le", "lt")
-
-
-@dataclass(frozen=True)
-class FieldDoc:
-    """One documented field of a section, as the config reference prints it."""
-
-    name: str
-    annotation: Any
-    metadata: dict[str, Any]
-    default: Any
-    default_factory: Any
-
-
-def public_fields(cls: type) -> list[FieldDoc]:
-    out = []
-    for name, f in cls.model_fields.items():
-        ops = [(type(m).__name__.lower(), m) for m in f.metadata]  # annotated_types.Ge(ge=1), ...
-        bounds = {op: getattr(m, op) for op, m in sorted((x for x in ops if x[0] in BOUND_ORDER),
-                                                          key=lambda x: BOUND_ORDER.index(x[0]))}
-        meta = {"help": f.description or "", "required": (f.json_schema_extra or {}).get("required", False),
-                "bounds": bounds}
-        default = None if f.default is PydanticUndefined else f.default
-        out.append(FieldDoc(name, f.annotation, meta, default, f.default_factory))
-    return out
+def is_required(f: FieldInfo) -> bool:
+    """Whether a field is a key that must be set, and non-empty (`field(..., required=True)`)."""
+    return bool((f.json_schema_extra or {}).get("required"))
 
 
 def _is_section(tp: Any) -> bool:
@@ -325,17 +302,17 @@ def _required(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> N
     """Required keys must be non-empty, also when their section is absent."""
     if not isinstance(data, dict):
         return
-    for f in public_fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
+    for name, f in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
         tp = f.annotation
         if _is_section(tp):
-            _required(tp, data.get(f.name, {}), key, errors)
-        elif get_origin(tp) is list and _is_section(get_args(tp)[0]) and isinstance(data.get(f.name), list):
-            for i, item in enumerate(data[f.name]):
+            _required(tp, data.get(name, {}), key, errors)
+        elif get_origin(tp) is list and _is_section(get_args(tp)[0]) and isinstance(data.get(name), list):
+            for i, item in enumerate(data[name]):
                 item = {SHORTHAND_FIELD[get_args(tp)[0]]: item} if isinstance(item, str) else item
                 _required(get_args(tp)[0], item, f"{key}.{i}", errors)
-        elif f.metadata["required"] and not data.get(f.name) and not any(e.key == key for e in errors):
-            errors.append(ConfigError(f"{key} is required: {f.metadata['help']}", key))
+        elif is_required(f) and not data.get(name) and not any(e.key == key for e in errors):
+            errors.append(ConfigError(f"{key} is required: {f.description}", key))
 
 
 def build(cls: type, data: Any) -> Any:
@@ -345,8 +322,7 @@ def build(cls: type, data: Any) -> Any:
         obj = cls.model_validate(data)
     except ValidationError as e:
         obj = None
-        for err in e.errors(include_url=False):
-            errors.append(_message(cls, {**err, "_data": data}))
+        errors = [_message(cls, {**err, "_data": data}) for err in e.errors(include_url=False)]
     _required(cls, data, "", errors)
     _raise(errors)
     return obj

@@ -2,7 +2,7 @@
 
 A config is a `Config`: a few top-level keys plus one section per concern (model, data, rollout, algorithm,
 optim, train, moe, lora, sft, logging) and a list of `rewards`. Every field is documented once, next to its
-definition (`metadata["help"]`); `docs/config.md` is generated from these definitions
+definition (`field(default, help)`); `docs/config.md` is generated from these definitions
 (`gspo config-reference`).
 
 Precedence: field default < YAML file < command-line override. Overrides are `key.sub=value`, the value
@@ -33,9 +33,9 @@ from gspo.config.parse import (
     _raise,
     apply_overrides,
     build,
-    doc,
     field,
     read_yaml,
+    section,
 )
 from gspo.registry import closest
 from gspo.rewards import DEFAULT_REWARD_TIMEOUT_S
@@ -46,54 +46,47 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 class ModelConfig(Section):
     """The policy model (and the reference model when algorithm.beta > 0)."""
 
-    name_or_path: str = field(default="", metadata=doc(
+    name_or_path: str = field("",
         "Hugging Face model id or local directory; `tiny:<family>` builds a tiny random MoE locally (e.g."
-        " `tiny:qwen3_moe`; families are registered in `gspo.registry.MODEL_FAMILIES`).", required=True))
-    tokenizer: str | None = field(default=None, metadata=doc(
-        "Tokenizer id or directory; null = the model's own."))
-    dtype: Dtype = field(default="float32", metadata=doc("Parameter dtype of the trained model."))
-    experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = field(
-        default="auto", metadata=doc(
+        " `tiny:qwen3_moe`; families are registered in `gspo.registry.MODEL_FAMILIES`).", required=True)
+    tokenizer: str | None = field(None, "Tokenizer id or directory; null = the model's own.")
+    dtype: Dtype = field("float32", "Parameter dtype of the trained model.")
+    experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = field("auto",
         "transformers' MoE experts backend; `auto` = grouped_mm where it works, eager otherwise "
-        "(grouped_mm trains ~9x faster than eager on an H100)."))
-    attn_implementation: str | None = field(default=None, metadata=doc(
+        "(grouped_mm trains ~9x faster than eager on an H100).")
+    attn_implementation: str | None = field(None,
         "transformers attention backend (`sdpa`, `eager`, ...); null = transformers' default for the "
-        "architecture (GPT-OSS, for one, has no `sdpa`)."))
-    trust_remote_code: bool = field(default=False, metadata=doc(
-        "Allow custom modelling code from the checkpoint."))
-    gradient_checkpointing: bool = field(default=False, metadata=doc(
-        "Recompute activations in backward to save memory."))
-    tiny: dict[str, Any] = field(default_factory=dict, metadata=doc(
+        "architecture (GPT-OSS, for one, has no `sdpa`).")
+    trust_remote_code: bool = field(False, "Allow custom modelling code from the checkpoint.")
+    gradient_checkpointing: bool = field(False, "Recompute activations in backward to save memory.")
+    tiny: dict[str, Any] = field({},
         "Overrides for the tiny-model factory (e.g. hidden_size, num_experts, num_hidden_layers); only "
-        "with a `tiny:` model."))
+        "with a `tiny:` model.")
 
 
 class DataConfig(Section):
     """Prompts. Exactly one of `task` and `path`."""
 
-    task: str | None = field(default=None, metadata=doc(
-        "A registered synthetic task (`gspo.registry.TASKS`), e.g. `add`."))
-    path: str | None = field(default=None, metadata=doc(
+    task: str | None = field(None, "A registered synthetic task (`gspo.registry.TASKS`), e.g. `add`.")
+    path: str | None = field(None,
         "A JSONL file or a Hugging Face dataset id (`org/name`). Every column reaches the reward "
-        "functions as a keyword argument."))
-    name: str | None = field(default=None, metadata=doc(
+        "functions as a keyword argument.")
+    name: str | None = field(None,
         "Hugging Face dataset configuration name (`datasets.load_dataset(path, name)`, e.g. `main` for "
-        "`openai/gsm8k`); null = the dataset's default."))
-    split: str = field(default="train", metadata=doc("Dataset split (Hugging Face datasets)."))
-    revision: str | None = field(default=None, metadata=doc(
+        "`openai/gsm8k`); null = the dataset's default.")
+    split: str = field("train", "Dataset split (Hugging Face datasets).")
+    revision: str | None = field(None,
         "Hugging Face dataset revision: a branch, tag or commit hash (pin one for reproducible runs); "
-        "null = the default branch."))
-    prompt_column: str = field(default="prompt", metadata=doc(
-        "Column holding the prompt (a string or chat messages)."))
-    chat_template: Literal["auto", "always", "never"] = field(default="auto", metadata=doc(
+        "null = the default branch.")
+    prompt_column: str = field("prompt", "Column holding the prompt (a string or chat messages).")
+    chat_template: Literal["auto", "always", "never"] = field("auto",
         "How prompts are rendered for sampling: `auto` follows TRL's dataset formats (plain strings are used "
         "as they are, conversational prompts get the tokenizer's chat template); `always` wraps a string as "
         "one user turn in the template (for chat models fine-tuned on such turns); `never` uses plain text "
-        "only. The choice and one rendered prompt are logged at start."))
-    num_samples: int = field(default=2048, metadata=doc("Number of rows a synthetic task generates.", ge=1))
-    shuffle: bool = field(default=True, metadata=doc("Shuffle the prompts every epoch (seeded by `seed`)."))
-    task_kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
-        "Keyword arguments of the synthetic task."))
+        "only. The choice and one rendered prompt are logged at start.")
+    num_samples: int = field(2048, "Number of rows a synthetic task generates.", ge=1)
+    shuffle: bool = field(True, "Shuffle the prompts every epoch (seeded by `seed`).")
+    task_kwargs: dict[str, Any] = field({}, "Keyword arguments of the synthetic task.")
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -108,102 +101,95 @@ class DataConfig(Section):
 class RolloutConfig(Section):
     """Sampling: B = prompts_per_step prompts, G = group_size completions each, N = B * G per rollout."""
 
-    engine: str = field(default="vllm_colocate", metadata=doc(
+    engine: str = field("vllm_colocate",
         "Rollout engine (`gspo.registry.ROLLOUT_ENGINES`): `vllm_colocate` (in-process vLLM) or "
-        "`hf_generate` (transformers generate)."))
-    group_size: int = field(default=8, metadata=doc(
-        "G: completions per prompt (group advantages need G >= 2).", ge=2))
-    prompts_per_step: int = field(default=8, metadata=doc("B: prompts per rollout.", ge=1))
-    max_new_tokens: int = field(default=64, metadata=doc("Longest completion, in tokens.", ge=1))
-    temperature: float = field(default=1.0, metadata=doc("Sampling temperature.", gt=0))
-    top_p: float = field(default=1.0, metadata=doc(
+        "`hf_generate` (transformers generate).")
+    group_size: int = field(8, "G: completions per prompt (group advantages need G >= 2).", ge=2)
+    prompts_per_step: int = field(8, "B: prompts per rollout.", ge=1)
+    max_new_tokens: int = field(64, "Longest completion, in tokens.", ge=1)
+    temperature: float = field(1.0, "Sampling temperature.", gt=0)
+    top_p: float = field(1.0,
         "Nucleus sampling; 1 = off. pi_old and pi_theta are both the truncated, renormalised sampler "
-        "distribution (docs/concepts.md), so the on-policy ratio stays 1.", gt=0, le=1))
-    top_k: int = field(default=-1, metadata=doc(
-        "Top-k sampling; -1 = off. Truncates pi_old and pi_theta like top_p.", ge=-1))
-    dtype: Dtype | None = field(default=None, metadata=doc(
+        "distribution (docs/concepts.md), so the on-policy ratio stays 1.", gt=0, le=1)
+    top_k: int = field(-1, "Top-k sampling; -1 = off. Truncates pi_old and pi_theta like top_p.", ge=-1)
+    dtype: Dtype | None = field(None,
         "Engine dtype; null = model.dtype. vLLM always gets an explicit dtype (its `auto` silently runs "
-        "bf16 on CPU)."))
-    gpu_memory_utilization: float | None = field(default=None, metadata=doc(
+        "bf16 on CPU).")
+    gpu_memory_utilization: float | None = field(None,
         "vLLM: fraction of GPU memory for weights + KV cache (the trainer shares the GPU); null = sized from "
         "the run: the weights plus the KV cache of prompts_per_step x group_size sequences of max_model_len "
-        "tokens (`gspo.rollout.sizing`).", gt=0, le=1))
-    kv_cache_memory_bytes: int | None = field(default=None, metadata=doc(
-        "vLLM: KV-cache size in bytes; overrides gpu_memory_utilization; null = sized from the run.", ge=1))
-    max_model_len: int | None = field(default=None, metadata=doc(
-        "Engine context length; null = longest prompt + max_new_tokens + a margin.", ge=1))
-    enforce_eager: bool | None = field(default=None, metadata=doc(
+        "tokens (`gspo.rollout.sizing`).", gt=0, le=1)
+    kv_cache_memory_bytes: int | None = field(None,
+        "vLLM: KV-cache size in bytes; overrides gpu_memory_utilization; null = sized from the run.", ge=1)
+    max_model_len: int | None = field(None,
+        "Engine context length; null = longest prompt + max_new_tokens + a margin.", ge=1)
+    enforce_eager: bool | None = field(None,
         "vLLM: no CUDA graphs / compilation (faster start-up, slower decode); null = eager on CPU, CUDA "
-        "graphs on GPU."))
-    old_logp_source: Literal["trainer", "engine"] = field(default="trainer", metadata=doc(
+        "graphs on GPU.")
+    old_logp_source: Literal["trainer", "engine"] = field("trainer",
         "pi_old log-probs: `trainer` recomputes them with a forward pass; `engine` uses the sampler's "
         "log-probs (skips that pass; GSPO's sequence ratio tolerates small precision gaps). Both are the "
-        "sampler's distribution after temperature, top-k and top-p."))
-    sleep_between_rollouts: bool = field(default=False, metadata=doc(
-        "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU)."))
+        "sampler's distribution after temperature, top-k and top-p.")
+    sleep_between_rollouts: bool = field(False,
+        "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU).")
 
 
 class AlgorithmConfig(Section):
     """The policy loss and how each rollout is used."""
 
-    name: str = field(default="gspo", metadata=doc(
+    name: str = field("gspo",
         "Loss (`gspo.registry.LOSSES`): gspo, gspo_token, grpo, dr_grpo, dapo. The name fixes the ratio "
-        "level (sequence / token) and the aggregation."))
-    clip_low: float | None = field(default=None, metadata=doc(
+        "level (sequence / token) and the aggregation.")
+    clip_low: float | None = field(None,
         "Lower clip: ratios below 1 - clip_low are clipped (negative advantages); null = the algorithm's "
-        "default (GSPO paper 5.1: 3e-4; GRPO: 0.2).", ge=0, lt=1))
-    clip_high: float | None = field(default=None, metadata=doc(
+        "default (GSPO paper 5.1: 3e-4; GRPO: 0.2).", ge=0, lt=1)
+    clip_high: float | None = field(None,
         "Upper clip: ratios above 1 + clip_high are clipped (positive advantages); null = the algorithm's"
-        " default (GSPO paper 5.1: 4e-4; GRPO: 0.2; DAPO: 0.28).", ge=0))
-    allow_wide_clip: bool = field(default=False, metadata=doc(
+        " default (GSPO paper 5.1: 4e-4; GRPO: 0.2; DAPO: 0.28).", ge=0)
+    allow_wide_clip: bool = field(False,
         "Allow a clip >= 0.01 with a sequence-level algorithm (normally a mistake: sequence ratios sit "
-        "much closer to 1 than token ratios)."))
-    num_minibatches: int = field(default=4, metadata=doc(
+        "much closer to 1 than token ratios).")
+    num_minibatches: int = field(4,
         "Optimizer steps per rollout per epoch (GSPO paper 5.1: 4). With 1 minibatch and 1 epoch the "
-        "ratio is exactly 1 and clipping never fires.", ge=1))
-    num_epochs: int = field(default=1, metadata=doc("Passes over each rollout.", ge=1))
-    beta: float = field(default=0.0, metadata=doc(
-        "KL penalty weight against the reference model (paper: 0).", ge=0))
-    kl_estimator: str = field(default="k3", metadata=doc(
-        "KL estimator (`gspo.registry.KL_ESTIMATORS`); used when beta > 0."))
-    adv_eps: float = field(default=1e-4, metadata=doc(
+        "ratio is exactly 1 and clipping never fires.", ge=1)
+    num_epochs: int = field(1, "Passes over each rollout.", ge=1)
+    beta: float = field(0.0, "KL penalty weight against the reference model (paper: 0).", ge=0)
+    kl_estimator: str = field("k3", "KL estimator (`gspo.registry.KL_ESTIMATORS`); used when beta > 0.")
+    adv_eps: float = field(1e-4,
         "Added to the group's reward std before dividing (GSPO Eq. 6); 1e-4 is TRL GRPOTrainer's constant, "
-        "so advantages equal TRL's for the same rewards.", gt=0))
-    max_log_ratio: float = field(default=10.0, metadata=doc(
-        "Bound on |log ratio| before exponentiating, so one sequence cannot turn the batch into NaN.", gt=0))
+        "so advantages equal TRL's for the same rewards.", gt=0)
+    max_log_ratio: float = field(10.0,
+        "Bound on |log ratio| before exponentiating, so one sequence cannot turn the batch into NaN.", gt=0)
 
 
 class OptimConfig(Section):
     """AdamW and the learning-rate schedule."""
 
-    lr: float = field(default=1e-6, metadata=doc(
-        "Peak learning rate (public GSPO recipes: 1e-6 full, 1e-5 LoRA).", gt=0))
-    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay.", ge=0))
-    adam_beta1: float = field(default=0.9, metadata=doc("AdamW beta1.", ge=0, lt=1))
-    adam_beta2: float = field(default=0.999, metadata=doc("AdamW beta2.", ge=0, lt=1))
-    adam_eps: float = field(default=1e-8, metadata=doc("AdamW epsilon.", gt=0))
-    max_grad_norm: float = field(default=1.0, metadata=doc("Gradient-norm clip per optimizer step.", gt=0))
-    warmup_steps: int = field(default=0, metadata=doc("Linear warm-up, in optimizer steps.", ge=0))
-    scheduler: Literal["constant", "linear", "cosine"] = field(default="constant", metadata=doc(
-        "Schedule after warm-up."))
+    lr: float = field(1e-6, "Peak learning rate (public GSPO recipes: 1e-6 full, 1e-5 LoRA).", gt=0)
+    weight_decay: float = field(0.0, "AdamW weight decay.", ge=0)
+    adam_beta1: float = field(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = field(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_eps: float = field(1e-8, "AdamW epsilon.", gt=0)
+    max_grad_norm: float = field(1.0, "Gradient-norm clip per optimizer step.", gt=0)
+    warmup_steps: int = field(0, "Linear warm-up, in optimizer steps.", ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = field("constant", "Schedule after warm-up.")
 
 
 class TrainConfig(Section):
     """Length of an RL run and its checkpoints."""
 
-    num_rollouts: int = field(default=100, metadata=doc(
+    num_rollouts: int = field(100,
         "RL iterations. Optimizer steps = num_rollouts x algorithm.num_minibatches x "
-        "algorithm.num_epochs.", ge=1))
-    save_every: int = field(default=0, metadata=doc(
-        "Checkpoint every this many rollouts; 0 = only at the end.", ge=0))
-    keep_checkpoints: int = field(default=2, metadata=doc("Newest checkpoints kept on disk.", ge=1))
-    eval_every: int = field(default=0, metadata=doc(
+        "algorithm.num_epochs.", ge=1)
+    save_every: int = field(0, "Checkpoint every this many rollouts; 0 = only at the end.", ge=0)
+    keep_checkpoints: int = field(2, "Newest checkpoints kept on disk.", ge=1)
+    eval_every: int = field(0,
         "Evaluate the policy every this many rollouts during RL, with the rollout engine (pass@k and mean "
-        "rewards, logged as `eval/*` in metrics.jsonl, plotted in the pipeline report); 0 = off.", ge=0))
-    eval_config: str | None = field(default=None, metadata=doc(
+        "rewards, logged as `eval/*` in metrics.jsonl, plotted in the pipeline report); 0 = off.", ge=0)
+    eval_config: str | None = field(None,
         "Config file whose `data`, `rewards`, `eval` and `rollout` sampling settings that evaluation uses "
         "(e.g. recipes/tiny/eval.yaml; relative to this config's folder); null = this config's own (`eval.seed` "
-        "makes a synthetic task draw other prompts than training)."))
+        "makes a synthetic task draw other prompts than training).")
 
     def check(self) -> list[tuple[str, str]]:
         if self.eval_config is not None and not os.path.isfile(os.path.expanduser(self.eval_config)):
@@ -214,20 +200,16 @@ class TrainConfig(Section):
 class MoEConfig(Section):
     """Mixture-of-Experts options."""
 
-    aux_loss_coef: float = field(default=0.0, metadata=doc(
-        "Router load-balancing loss weight; 0 = off.", ge=0))
-    router_z_loss_coef: float = field(default=0.0, metadata=doc("Router z-loss weight; 0 = off.", ge=0))
-    freeze_router: bool = field(default=False, metadata=doc("Keep router weights fixed."))
-    router_fp32: bool = field(default=False, metadata=doc("Compute router logits in float32."))
-    metrics: bool = field(default=True, metadata=doc(
-        "Log per-expert load, collapse and routing drift (`moe/*`)."))
-    collapse_threshold: float = field(default=4.0, metadata=doc(
-        "Flag a layer whose max/mean expert load exceeds this.", gt=1))
-    dead_expert_window: int = field(default=10, metadata=doc(
-        "Rollouts without a token before an expert counts as dead.", ge=1))
-    routing_replay: Literal["none", "r2", "r3"] = field(default="none", metadata=doc(
+    aux_loss_coef: float = field(0.0, "Router load-balancing loss weight; 0 = off.", ge=0)
+    router_z_loss_coef: float = field(0.0, "Router z-loss weight; 0 = off.", ge=0)
+    freeze_router: bool = field(False, "Keep router weights fixed.")
+    router_fp32: bool = field(False, "Compute router logits in float32.")
+    metrics: bool = field(True, "Log per-expert load, collapse and routing drift (`moe/*`).")
+    collapse_threshold: float = field(4.0, "Flag a layer whose max/mean expert load exceeds this.", gt=1)
+    dead_expert_window: int = field(10, "Rollouts without a token before an expert counts as dead.", ge=1)
+    routing_replay: Literal["none", "r2", "r3"] = field("none",
         "Routing Replay: `r2` replays pi_old's experts in the trainer; `r3` (replay the engine's experts) is "
-        "refused until an engine returns its routed experts (docs/moe.md)."))
+        "refused until an engine returns its routed experts (docs/moe.md).")
 
     def check(self) -> list[tuple[str, str]]:
         if self.routing_replay == "r3":
@@ -240,21 +222,20 @@ class MoEConfig(Section):
 class LoRAConfig(Section):
     """LoRA adapters (peft)."""
 
-    enabled: bool = field(default=False, metadata=doc("Train LoRA adapters instead of all weights."))
-    r: int = field(default=16, metadata=doc("Adapter rank.", ge=1))
-    alpha: int = field(default=32, metadata=doc("LoRA alpha (scale = alpha / r).", ge=1))
-    dropout: float = field(default=0.0, metadata=doc("Adapter dropout.", ge=0, lt=1))
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      metadata=doc(
-        "Linear modules that get adapters."))
-    target_parameters: list[str] = field(default_factory=list, metadata=doc(
+    enabled: bool = field(False, "Train LoRA adapters instead of all weights.")
+    r: int = field(16, "Adapter rank.", ge=1)
+    alpha: int = field(32, "LoRA alpha (scale = alpha / r).", ge=1)
+    dropout: float = field(0.0, "Adapter dropout.", ge=0, lt=1)
+    target_modules: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj"],
+        "Linear modules that get adapters.")
+    target_parameters: list[str] = field([],
         "3-D expert parameters that get adapters (peft `target_parameters`, e.g. "
-        "`mlp.experts.gate_up_proj`)."))
-    sync: Literal["merge", "adapter"] = field(default="merge", metadata=doc(
-        "Weight sync to the engine: `merge` sends merged full weights; `adapter` sends only the adapter."))
-    save: Literal["adapter", "merged", "both"] = field(default="both", metadata=doc(
+        "`mlp.experts.gate_up_proj`).")
+    sync: Literal["merge", "adapter"] = field("merge",
+        "Weight sync to the engine: `merge` sends merged full weights; `adapter` sends only the adapter.")
+    save: Literal["adapter", "merged", "both"] = field("both",
         "What checkpoints hold: the adapter (`adapter/`, needed to resume), the merged model (`model/`), or "
-        "both. The stage's `final/` is always the merged model, `final_adapter/` the adapter."))
+        "both. The stage's `final/` is always the merged model, `final_adapter/` the adapter.")
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -269,15 +250,12 @@ class LoRAConfig(Section):
 class SFTConfig(Section):
     """The `sft` stage (TRL SFTTrainer)."""
 
-    num_epochs: float = field(default=1.0, metadata=doc("Epochs over the SFT data.", gt=0))
-    max_steps: int = field(default=-1, metadata=doc(
-        "Stop after this many optimizer steps; -1 = num_epochs decides.", ge=-1))
-    batch_size: int = field(default=8, metadata=doc("Examples per device per optimizer step.", ge=1))
-    max_length: int | None = field(default=1024, metadata=doc(
-        "Truncate examples to this many tokens; null = no limit.", ge=1))
-    packing: bool = field(default=False, metadata=doc("Pack several examples into one sequence."))
-    completion_only_loss: bool = field(default=True, metadata=doc(
-        "Loss on completion tokens only (not the prompt)."))
+    num_epochs: float = field(1.0, "Epochs over the SFT data.", gt=0)
+    max_steps: int = field(-1, "Stop after this many optimizer steps; -1 = num_epochs decides.", ge=-1)
+    batch_size: int = field(8, "Examples per device per optimizer step.", ge=1)
+    max_length: int | None = field(1024, "Truncate examples to this many tokens; null = no limit.", ge=1)
+    packing: bool = field(False, "Pack several examples into one sequence.")
+    completion_only_loss: bool = field(True, "Loss on completion tokens only (not the prompt).")
 
 
 class RejectionConfig(Section):
@@ -285,31 +263,28 @@ class RejectionConfig(Section):
     completions per prompt, rollout.prompts_per_step prompts per engine call, rollout.max_new_tokens,
     temperature, top_p, top_k; each completion is scored by `rewards` (weighted sum)."""
 
-    num_prompts: int | None = field(default=None, metadata=doc(
-        "Prompts taken from the data (in order); null = all of them.", ge=1))
-    min_reward: float | None = field(default=1.0, metadata=doc(
+    num_prompts: int | None = field(None, "Prompts taken from the data (in order); null = all of them.", ge=1)
+    min_reward: float | None = field(1.0,
         "Accept a completion when its summed reward is >= this; null = no threshold (then best_of must be "
-        "set)."))
-    best_of: int = field(default=0, metadata=doc(
-        "Keep at most this many accepted completions per prompt, the highest-reward ones; 0 = all.", ge=0))
-    dedup: bool = field(default=True, metadata=doc(
-        "Drop a completion whose text (whitespace-stripped) repeats an accepted one of the same prompt."))
-    min_tokens: int = field(default=1, metadata=doc(
-        "Shortest accepted completion, in tokens of the model's tokenizer (EOS not counted).", ge=0))
-    max_tokens: int | None = field(default=None, metadata=doc(
-        "Longest accepted completion, in tokens; null = no bound.", ge=1))
-    drop_truncated: bool = field(default=True, metadata=doc(
-        "Reject completions cut off by rollout.max_new_tokens (finish reason `length`)."))
-    mix_path: str | None = field(default=None, metadata=doc(
+        "set).")
+    best_of: int = field(0,
+        "Keep at most this many accepted completions per prompt, the highest-reward ones; 0 = all.", ge=0)
+    dedup: bool = field(True,
+        "Drop a completion whose text (whitespace-stripped) repeats an accepted one of the same prompt.")
+    min_tokens: int = field(1,
+        "Shortest accepted completion, in tokens of the model's tokenizer (EOS not counted).", ge=0)
+    max_tokens: int | None = field(None, "Longest accepted completion, in tokens; null = no bound.", ge=1)
+    drop_truncated: bool = field(True,
+        "Reject completions cut off by rollout.max_new_tokens (finish reason `length`).")
+    mix_path: str | None = field(None,
         "General SFT data mixed into the output (JSONL or HF dataset with prompt + completion, or "
-        "messages); null = none."))
-    mix_task: str | None = field(default=None, metadata=doc(
+        "messages); null = none.")
+    mix_task: str | None = field(None,
         "A registered task whose reference completions (`sft_rows`) are the general data, instead of mix_path "
-        "(e.g. `add`: answers without a think block, as DeepSeek-R1 stage 3 mixes in non-CoT data)."))
-    mix_task_kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
-        "Keyword arguments of mix_task."))
-    mix_ratio: float = field(default=0.0, metadata=doc(
-        "General rows added per accepted row (0.5 = one general row for every two accepted).", ge=0))
+        "(e.g. `add`: answers without a think block, as DeepSeek-R1 stage 3 mixes in non-CoT data).")
+    mix_task_kwargs: dict[str, Any] = field({}, "Keyword arguments of mix_task.")
+    mix_ratio: float = field(0.0,
+        "General rows added per accepted row (0.5 = one general row for every two accepted).", ge=0)
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -330,36 +305,33 @@ class RewardModelConfig(Section):
     model.name_or_path: `tiny:<family>` builds a tiny sequence-classification model (num_labels=1) from
     that family's config, a local causal-LM checkpoint gets a new scalar head."""
 
-    num_epochs: float = field(default=1.0, metadata=doc("Epochs over the training pairs.", gt=0))
-    max_steps: int = field(default=-1, metadata=doc(
-        "Stop after this many optimizer steps; -1 = num_epochs decides.", ge=-1))
-    batch_size: int = field(default=16, metadata=doc("Pairs per optimizer step.", ge=1))
-    max_length: int | None = field(default=512, metadata=doc(
-        "Pairs with a longer chosen or rejected text (tokens) are dropped; null = no limit.", ge=1))
-    eval_fraction: float = field(default=0.1, metadata=doc(
+    num_epochs: float = field(1.0, "Epochs over the training pairs.", gt=0)
+    max_steps: int = field(-1, "Stop after this many optimizer steps; -1 = num_epochs decides.", ge=-1)
+    batch_size: int = field(16, "Pairs per optimizer step.", ge=1)
+    max_length: int | None = field(512,
+        "Pairs with a longer chosen or rejected text (tokens) are dropped; null = no limit.", ge=1)
+    eval_fraction: float = field(0.1,
         "Share of the pairs held out to measure pairwise accuracy (chosen scored above rejected).",
-        gt=0, lt=1))
-    center_rewards_coefficient: float | None = field(default=None, metadata=doc(
-        "Pull scores toward mean zero (TRL; Eisenstein et al. 2023 Eq. 2 suggest 0.01); null = off.", ge=0))
+        gt=0, lt=1)
+    center_rewards_coefficient: float | None = field(None,
+        "Pull scores toward mean zero (TRL; Eisenstein et al. 2023 Eq. 2 suggest 0.01); null = off.", ge=0)
 
 
 class EvalConfig(Section):
     """`gspo eval` / `gspo.training.evaluation.run_eval`: n samples per prompt with the rollout engine (rollout
     section: engine, max_new_tokens, temperature, top_p, top_k), scored by `rewards`; writes eval.json."""
 
-    num_samples: int = field(default=8, metadata=doc("n: samples per prompt.", ge=1))
-    k: list[int] = field(default_factory=lambda: [1, 8], metadata=doc(
-        "pass@k values reported (each <= num_samples); unbiased estimator of Chen et al. 2021, Eq. 1."))
-    num_prompts: int | None = field(default=64, metadata=doc(
-        "Prompts evaluated (the first ones of the data); null = all.", ge=1))
-    pass_reward: str | None = field(default=None, metadata=doc(
+    num_samples: int = field(8, "n: samples per prompt.", ge=1)
+    k: list[int] = field([1, 8],
+        "pass@k values reported (each <= num_samples); unbiased estimator of Chen et al. 2021, Eq. 1.")
+    num_prompts: int | None = field(64, "Prompts evaluated (the first ones of the data); null = all.", ge=1)
+    pass_reward: str | None = field(None,
         "Name of the reward that decides whether a sample passes (as in `rewards/<name>/mean`); null = the "
-        "first configured reward."))
-    pass_threshold: float = field(default=1.0, metadata=doc(
-        "A sample passes when its pass_reward is >= this."))
-    seed: int = field(default=1234, metadata=doc(
+        "first configured reward.")
+    pass_threshold: float = field(1.0, "A sample passes when its pass_reward is >= this.")
+    seed: int = field(1234,
         "Seed of a synthetic task's evaluation rows and of sampling (differs from the training seed so a "
-        "task draws other prompts)."))
+        "task draws other prompts).")
 
     def check(self) -> list[tuple[str, str]]:
         return [(f"k.{i}", f"pass@{k} needs 1 <= k <= eval.num_samples={self.num_samples}")
@@ -369,21 +341,19 @@ class EvalConfig(Section):
 class RewardSpec(Section):
     """One reward function. In YAML a bare string is shorthand for `{fn: <string>}`."""
 
-    fn: str = field(default="", metadata=doc(
+    fn: str = field("",
         "A registered reward name, `package.module:function` or `path/to/file.py:function` (relative to "
-        "the config file's folder, then to the current directory).", required=True))
-    weight: float = field(default=1.0, metadata=doc("Weight in the summed reward."))
-    on_error: Literal["error", "zero", "skip"] = field(default="error", metadata=doc(
+        "the config file's folder, then to the current directory).", required=True)
+    weight: float = field(1.0, "Weight in the summed reward.")
+    on_error: Literal["error", "zero", "skip"] = field("error",
         "When a call raises, times out or returns NaN / a wrong length: `error` stops the run, `zero` "
         "scores the affected samples 0, `skip` leaves them out of this reward (counted in "
-        "`rewards/<name>/errors`)."))
-    timeout_s: float | None = field(default=DEFAULT_REWARD_TIMEOUT_S, metadata=doc(
+        "`rewards/<name>/errors`).")
+    timeout_s: float | None = field(DEFAULT_REWARD_TIMEOUT_S,
         "Per-call time limit in seconds: a call past it fails naming the reward, under `on_error`; null = "
-        "no limit (only when set so explicitly: a reward that never returns would hang the run).", gt=0))
-    kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
-        "Extra keyword arguments for the function."))
-    name: str | None = field(default=None, metadata=doc(
-        "Name in the logs (`rewards/<name>/mean`); null = derived from fn."))
+        "no limit (only when set so explicitly: a reward that never returns would hang the run).", gt=0)
+    kwargs: dict[str, Any] = field({}, "Extra keyword arguments for the function.")
+    name: str | None = field(None, "Name in the logs (`rewards/<name>/mean`); null = derived from fn.")
 
 
 SHORTHAND_FIELD[RewardSpec] = "fn"  # `rewards: [synthetic_accuracy]` = `rewards: [{fn: synthetic_accuracy}]`
@@ -392,50 +362,47 @@ SHORTHAND_FIELD[RewardSpec] = "fn"  # `rewards: [synthetic_accuracy]` = `rewards
 class LoggingConfig(Section):
     """Metrics, samples and trackers. metrics.jsonl is always written."""
 
-    log_every: int = field(default=1, metadata=doc("Log metrics every this many optimizer steps.", ge=1))
-    sample_every: int = field(default=10, metadata=doc(
-        "Log a table of completions every this many rollouts; 0 = never.", ge=0))
-    num_samples: int = field(default=4, metadata=doc("Completions per sample table.", ge=0))
-    trackers: list[Literal["tensorboard", "trackio", "wandb"]] = field(default_factory=list, metadata=doc(
-        "Experiment trackers besides metrics.jsonl."))
-    progress: bool = field(default=True, metadata=doc("Show a progress bar."))
-    project: str = field(default="gspo", metadata=doc("Tracker project name."))
+    log_every: int = field(1, "Log metrics every this many optimizer steps.", ge=1)
+    sample_every: int = field(10, "Log a table of completions every this many rollouts; 0 = never.", ge=0)
+    num_samples: int = field(4, "Completions per sample table.", ge=0)
+    trackers: list[Literal["tensorboard", "trackio", "wandb"]] = field([],
+        "Experiment trackers besides metrics.jsonl.")
+    progress: bool = field(True, "Show a progress bar.")
+    project: str = field("gspo", "Tracker project name.")
 
 
 class Config(Section):
     """A whole run: top-level keys, one section per concern, the reward functions."""
 
-    stage: str = field(default="rl", metadata=doc(
+    stage: str = field("rl",
         "What `gspo train` runs: a stage registered in `gspo.registry.STAGES` (the built-in ones: "
-        "docs/stages.md)."))
-    seed: int = field(default=0, metadata=doc("Seed for sampling, shuffling, initialization."))
-    output_dir: str = field(default="runs/gspo", metadata=doc(
-        "Checkpoints, metrics.jsonl, the resolved config."))
-    resume_from: str | None = field(default=None, metadata=doc(
-        "`latest` = the newest checkpoint in output_dir, or a checkpoint directory; null = start fresh."))
-    overwrite: bool = field(default=False, metadata=doc(
+        "docs/stages.md).")
+    seed: int = field(0, "Seed for sampling, shuffling, initialization.")
+    output_dir: str = field("runs/gspo", "Checkpoints, metrics.jsonl, the resolved config.")
+    resume_from: str | None = field(None,
+        "`latest` = the newest checkpoint in output_dir, or a checkpoint directory; null = start fresh.")
+    overwrite: bool = field(False,
         "Write into an output_dir that holds an earlier run (its outputs are deleted first, only what it "
         "wrote, as listed in `gspo_run.json`) or files gspo did not write (they are kept). Without it such a "
-        "folder is refused."))
-    plugins: list[str] = field(default_factory=list, metadata=doc(
+        "folder is refused.")
+    plugins: list[str] = field([],
         "Modules imported before validation, so their registrations (tasks, losses, rewards, engines, "
-        "stages) are available by name."))
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=doc(ModelConfig.__doc__))
-    data: DataConfig = field(default_factory=DataConfig, metadata=doc(DataConfig.__doc__))
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata=doc(RolloutConfig.__doc__))
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata=doc(AlgorithmConfig.__doc__))
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata=doc(OptimConfig.__doc__))
-    train: TrainConfig = field(default_factory=TrainConfig, metadata=doc(TrainConfig.__doc__))
-    moe: MoEConfig = field(default_factory=MoEConfig, metadata=doc(MoEConfig.__doc__))
-    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata=doc(LoRAConfig.__doc__))
-    sft: SFTConfig = field(default_factory=SFTConfig, metadata=doc(SFTConfig.__doc__))
-    rejection: RejectionConfig = field(default_factory=RejectionConfig, metadata=doc(RejectionConfig.__doc__))
-    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig,
-                                            metadata=doc(RewardModelConfig.__doc__))
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc(EvalConfig.__doc__))
-    rewards: list[RewardSpec] = field(default_factory=list, metadata=doc(
-        "Reward functions, summed with their weights (at least one for stage `rl`)."))
-    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=doc(LoggingConfig.__doc__))
+        "stages) are available by name.")
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    algorithm: AlgorithmConfig = section(AlgorithmConfig)
+    optim: OptimConfig = section(OptimConfig)
+    train: TrainConfig = section(TrainConfig)
+    moe: MoEConfig = section(MoEConfig)
+    lora: LoRAConfig = section(LoRAConfig)
+    sft: SFTConfig = section(SFTConfig)
+    rejection: RejectionConfig = section(RejectionConfig)
+    reward_model: RewardModelConfig = section(RewardModelConfig)
+    eval: EvalConfig = section(EvalConfig)
+    rewards: list[RewardSpec] = field([],
+        "Reward functions, summed with their weights (at least one for stage `rl`).")
+    logging: LoggingConfig = section(LoggingConfig)
     # Where the config was read from (not a config key): relative reward files resolve against its folder.
     _source_path: str | None = PrivateAttr(default=None)
 

@@ -62,10 +62,6 @@ def is_lora(model: Any) -> bool:
     return hasattr(root, "peft_config") and hasattr(root, "get_base_model")
 
 
-def lora_info(model: Any) -> LoRAInfo | None:
-    return getattr(model, "gspo_lora", None)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Targets
 # ----------------------------------------------------------------------------------------------------------

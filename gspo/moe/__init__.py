@@ -19,22 +19,3 @@ from gspo.moe.routing import (
     apply_router_controls,
     find_routers,
 )
-
-__all__ = [
-    "REPLAY_MODES",
-    "ROUTER_FAMILIES",
-    "ExpertHealthTracker",
-    "RouterFamily",
-    "RouterInfo",
-    "RoutingRecorder",
-    "RoutingRecords",
-    "RoutingReplay",
-    "apply_router_controls",
-    "find_routers",
-    "load_balancing_loss",
-    "load_per_expert",
-    "moe_aux_losses",
-    "router_z_loss",
-    "routing_drift",
-    "routing_metrics",
-]

@@ -2,14 +2,14 @@
 runner (`runner`), the manifest, the run report, the output-folder record and the checks before a run. The
 names a caller needs are importable from here."""
 
-from gspo.pipeline.pipeline_file import (  # noqa: F401
+from gspo.pipeline.pipeline_file import (
     Pipeline,
     StageEntry,
     is_pipeline_file,
     load_pipeline,
     split_overrides,
 )
-from gspo.pipeline.runner import (  # noqa: F401
+from gspo.pipeline.runner import (
     PipelineError,
     check_pipeline_dirs,
     plan_stage,
@@ -17,4 +17,4 @@ from gspo.pipeline.runner import (  # noqa: F401
     run_pipeline,
     validate_pipeline,
 )
-from gspo.pipeline.wiring import ResolvedStage, describe, resolve_stages  # noqa: F401
+from gspo.pipeline.wiring import ResolvedStage, describe, resolve_stages

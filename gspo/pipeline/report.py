@@ -65,20 +65,14 @@ def _reward_key(rows: list[dict[str, Any]], contains: str) -> str | None:
     return keys[0] if keys else None
 
 
-def _tail_mean(rows: list[dict[str, Any]], key: str, frac: float = 0.1) -> float | None:
+def _edge_mean(rows: list[dict[str, Any]], key: str, last: bool, frac: float = 0.1) -> float | None:
+    """Mean of the first (last=False) or last tenth of the logged values of `key`."""
     values = [v for v in (_number(r.get(key)) for r in rows) if v is not None]
     if not values:
         return None
     n = max(1, int(len(values) * frac))
-    return sum(values[-n:]) / n
-
-
-def _head_mean(rows: list[dict[str, Any]], key: str, frac: float = 0.1) -> float | None:
-    values = [v for v in (_number(r.get(key)) for r in rows) if v is not None]
-    if not values:
-        return None
-    n = max(1, int(len(values) * frac))
-    return sum(values[:n]) / n
+    edge = values[-n:] if last else values[:n]
+    return sum(edge) / n
 
 
 def _find(d: dict[str, Any], names: tuple[str, ...]) -> float | None:
@@ -105,7 +99,7 @@ def _column(column: str, ev: dict[str, Any], stats: dict[str, Any],
         if value is not None:
             return value
     key = _reward_key(rows, contains)
-    return _tail_mean(rows, key) if key else None
+    return _edge_mean(rows, key, last=True) if key else None
 
 
 def stage_summary(stage_dir: str, stage_type: str = "") -> dict[str, Any]:
@@ -119,7 +113,7 @@ def stage_summary(stage_dir: str, stage_type: str = "") -> dict[str, Any]:
     keys = ["reward", "completions/mean_length", "loss", "clip_frac/high", "clip_frac/low"]
     keys += [k for k in (_reward_key(rows, c[1]) for c in COLUMNS.values()) if k]
     for key in keys:
-        first, last = _head_mean(rows, key), _tail_mean(rows, key)
+        first, last = _edge_mean(rows, key, last=False), _edge_mean(rows, key, last=True)
         if last is not None:
             out[f"{key}/first"], out[f"{key}/last"] = first, last
     for column in COLUMNS:
@@ -190,8 +184,7 @@ def _plot_keys(spec: Any, rows: list[dict[str, Any]], stage_type: str, plot: str
     if stage_type == "sft":
         return []  # SFT rows have a loss and token accuracy only; the RL plots would mislabel them
     if spec == "eval/":
-        present = sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/reward/mean"))})
-        return present
+        return sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/reward/mean"))})
     if spec == "moe/":
         present = {k for r in rows for k in r}
         return [k for k in MOE_KEYS if k in present]

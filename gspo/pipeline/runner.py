@@ -42,10 +42,6 @@ class PipelineError(RuntimeError):
     """A stage cannot run as asked (changed config of a finished stage, missing runner, failed stage)."""
 
 
-def _entry(manifest: dict[str, Any], name: str) -> dict[str, Any]:
-    return next((s for s in manifest.get("stages", []) if s.get("name") == name), {})
-
-
 def _done(entry: dict[str, Any]) -> bool:
     return entry.get("status") == "done" and bool(entry.get("output")) and os.path.exists(entry["output"])
 

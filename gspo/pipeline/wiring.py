@@ -68,13 +68,11 @@ def _stage_spec(stage_type: str) -> StageSpec | None:
 
 
 def _produces(stage_type: str) -> str | None:
-    spec = _stage_spec(stage_type)
-    return spec.produces if spec else None
+    return getattr(_stage_spec(stage_type), "produces", None)
 
 
 def _consumes(stage_type: str) -> tuple[str, ...]:
-    spec = _stage_spec(stage_type)
-    return spec.consumes if spec else ()
+    return getattr(_stage_spec(stage_type), "consumes", ())
 
 
 def _nearest(types: list[str], names: list[str], i: int, kind: str) -> str | None:
@@ -103,12 +101,9 @@ def _sources(pipe: Pipeline, types: list[str], i: int,
 
 
 def _reward_model_indices(data: dict[str, Any]) -> list[int]:
-    out = []
-    for i, r in enumerate(data.get("rewards") or []):
-        fn = r if isinstance(r, str) else (r or {}).get("fn") if isinstance(r, dict) else None
-        if fn == "reward_model":
-            out.append(i)
-    return out
+    """Indices of the `reward_model` rewards, written as a bare string or as a mapping's `fn`."""
+    return [i for i, r in enumerate(data.get("rewards") or [])
+            if (r.get("fn") if isinstance(r, dict) else r) == "reward_model"]
 
 
 def _wired_overrides(wiring: dict[str, dict[str, str]]) -> list[str]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from gspo.registry import ROLLOUT_ENGINES
-from gspo.rollout import hf_generate, vllm_colocate  # noqa: F401  (register the built-in engines)
+from gspo.rollout import hf_generate, vllm_colocate  # registers the built-in engines
 from gspo.rollout.base import EngineInputs, RolloutBatch, RolloutEngine, SamplingSpec
-
-__all__ = ["EngineInputs", "RolloutBatch", "RolloutEngine", "SamplingSpec", "build_engine"]
 
 
 def build_engine(section: Any, run: EngineInputs) -> RolloutEngine:
