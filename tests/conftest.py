@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny MoE warmed up on the synthetic task once per test session."""
 
+import contextlib
+import logging
 import os
 
 import pytest
@@ -25,3 +27,20 @@ def warm_model(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("cold_start")
     return run_sft(tiny_config("cold_start.yaml", out))
+
+
+@contextlib.contextmanager
+def log_messages(logger_name: str):
+    """The messages logged to `logger_name` inside the block (vLLM's loggers do not propagate to caplog)."""
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, log = _Collect(), logging.getLogger(logger_name)
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)

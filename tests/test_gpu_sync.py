@@ -8,10 +8,9 @@ pytest process (`-k "per_family and gpt_oss"`), apart from the other two tests."
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
+from conftest import log_messages
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -61,15 +60,6 @@ def mean_gap(trainer, tokenizer, batch) -> float:
         else 0.0
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_expert_only_update_reaches_the_engine(setup):
     tokenizer, trainer, engine, prompts = setup
     assert engine.enforce_eager is False  # the GPU default: CUDA graphs
@@ -84,12 +74,8 @@ def test_expert_only_update_reaches_the_engine(setup):
             for _, p in experts:
                 p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).to(p.dtype) * 0.02)
         before = mean_gap(trainer, tokenizer, engine.generate(prompts, SPEC))
-        rec = _Records()
-        logging.getLogger("vllm").addHandler(rec)
-        try:
+        with log_messages("vllm") as messages:
             engine.update_weights(trainer)
-        finally:
-            logging.getLogger("vllm").removeHandler(rec)
         after = mean_gap(trainer, tokenizer, engine.generate(prompts, SPEC))
         stats = engine.last_sync_stats
         paths.append(stats.path)
@@ -98,7 +84,7 @@ def test_expert_only_update_reaches_the_engine(setup):
               f"explained: {stats.explained[:3]}")
         assert before > 5 * max(base, 0.01), f"expert update invisible before the sync ({before:.4f})"
         assert after < max(2 * base, 0.02), f"engine != trainer after syncing the experts ({after:.4f})"
-        bad = [m for m in rec.messages if "not loaded" in m or "Failed to load weights" in m]
+        bad = [m for m in messages if "not loaded" in m or "Failed to load weights" in m]
         assert not bad, bad
     assert paths[0] == "reload"
 

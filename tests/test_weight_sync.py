@@ -4,11 +4,11 @@ every tiny family, the expert-name reconciliation, and on a real (CPU) vLLM: a s
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
 import torch
+from conftest import log_messages
 
 from gspo.models.loading import build_tiny_model, checkpoint_state_items, family_names
 from gspo.rollout import weight_sync
@@ -139,26 +139,13 @@ def engine_and_model(tmp_path):
     engine.close()
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_complete_sync_logs_no_false_warning_and_reports_cost(engine_and_model):
     engine, trainer = engine_and_model
     assert engine.enforce_eager is True  # CPU default
     assert engine.kv_cache_memory_bytes is not None  # sized from the run, not a fixed share
-    rec = _Records()
-    logging.getLogger("vllm").addHandler(rec)
-    try:
+    with log_messages("vllm") as messages:
         engine.update_weights(trainer)
-    finally:
-        logging.getLogger("vllm").removeHandler(rec)
-    assert not [m for m in rec.messages if "not loaded" in m or "Failed to load weights" in m], rec.messages
+    assert not [m for m in messages if "not loaded" in m or "Failed to load weights" in m], messages
     stats = engine.last_sync_stats
     expected = sum(t.numel() * t.element_size() for _, t in checkpoint_state_items(trainer))
     assert stats.bytes == expected and stats.seconds > 0 and stats.gbps > 0
