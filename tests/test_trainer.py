@@ -229,3 +229,25 @@ def test_eos_token_is_in_the_loss(warm_model, tmp_path):
         assert float(mask[j].sum()) == last + 1, f"row {i}: the loss mask is not the completion (EOS included)"
         assert float(mask[j, last]) == 1.0, f"row {i}: EOS left out of the loss mask"
         assert float(logp[j, last]) < 0.0 and float(old_logp[j, last]) < 0.0  # its log-probability is in the loss
+
+
+def test_engine_length_covers_eval_prompts_rendered_with_the_eval_configs_template(warm_model, tmp_path):
+    """train.eval_config may render prompts differently (its own data.chat_template): the engine's
+    max_model_len is measured on the eval prompts as the evaluation renders them, or vLLM would reject them."""
+    import yaml
+
+    from gspo.data import prompt_token_ids
+    from gspo.training.trainer import GSPOTrainer
+
+    with open(os.path.join(TINY, "eval.yaml"), encoding="utf-8") as f:
+        ev = yaml.safe_load(f)
+    ev.setdefault("data", {})["chat_template"] = "always"
+    ev["model"] = {"name_or_path": str(warm_model)}
+    ev_path = tmp_path / "eval.yaml"
+    ev_path.write_text(yaml.safe_dump(ev))
+    cfg = tiny_config("reasoning_rl.yaml", tmp_path / "rl", f"model.name_or_path={warm_model}",
+                      "rollout.engine=hf_generate", "data.chat_template=never", "train.eval_every=1",
+                      f"train.eval_config={ev_path}")
+    trainer = GSPOTrainer(cfg)
+    longest = max(len(prompt_token_ids(trainer.tokenizer, r["prompt"], "always")) for r in trainer.eval_rows)
+    assert trainer._default_max_len() >= longest + trainer.eval_cfg.rollout.max_new_tokens

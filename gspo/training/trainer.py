@@ -156,8 +156,9 @@ class GSPOTrainer:
         longest = max(len(self._prompt_ids(r)) for r in self.dataset.rows)
         need = longest + self.cfg.rollout.max_new_tokens
         if self.eval_cfg is not None:  # the periodic evaluation samples on the same engine
-            need = max(need, max(len(self._prompt_ids(r)) for r in self.eval_rows)
-                       + self.eval_cfg.rollout.max_new_tokens)
+            ev = self.eval_cfg  # its prompts rendered as the evaluation renders them (its own chat_template)
+            need = max(need, max(len(prompt_token_ids(self.tokenizer, r["prompt"], ev.data.chat_template))
+                                 for r in self.eval_rows) + ev.rollout.max_new_tokens)
         return need + 8
 
     # --- periodic evaluation (train.eval_every) ---------------------------------------------------------
