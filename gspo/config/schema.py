@@ -132,6 +132,10 @@ class RolloutConfig(Section):
         "sampler's distribution after temperature, top-k and top-p.")
     sleep_between_rollouts: bool = field(False,
         "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU).")
+    hf_batch_prompts: int = field(0,
+        "hf_generate: prompts per generate call; 0 = all of a process's prompts in one call. One sampler "
+        "draws for a whole call, so only 1 (each prompt its own seeded call, as vLLM samples) gives a "
+        "multi-process run the completions of a one-process run.", ge=0)
 
 
 class AlgorithmConfig(Section):

@@ -55,6 +55,16 @@ class _DrawnTokenLogprobs:
         return torch.stack(steps, dim=1)
 
 
+def _sharded() -> bool:
+    """Several processes: the policy is FSDP-sharded and every forward is a collective, so `generate` keeps
+    each rank stepping until every rank's sequences are done (`synced_gpus`, made for ZeRO-3 / FSDP). The
+    sharded policy itself samples: an unsharded copy per rank would be a full copy of the model. A finished
+    rank's extra steps sample nothing, so its completions and RNG stream are those of a lone run."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class HFGenerateEngine:
     """Samples with `model.generate`. With `model` = the trainer's policy no weight sync is needed;
     `update_weights` copies parameters when the engine holds a separate copy."""
@@ -125,7 +135,7 @@ class HFGenerateEngine:
         processors, capture = self._processors(sampling)
         out = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg,
-            logits_processor=processors,
+            logits_processor=processors, synced_gpus=_sharded(),
         )
         new_tokens = out.sequences[:, p_len:]  # [b*G, steps]
         return new_tokens.cpu(), capture.logprobs(new_tokens).cpu()
@@ -191,7 +201,7 @@ def build_hf_generate(section: Any, run: EngineInputs) -> HFGenerateEngine:
 
         model = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch_dtype_of(run.dtype, "rollout.dtype"))
         model.requires_grad_(False)
-    return HFGenerateEngine(model, run.tokenizer)
+    return HFGenerateEngine(model, run.tokenizer, batch_prompts=getattr(section, "hf_batch_prompts", 0))
 
 
 __all__ = ["HFGenerateEngine", "build_hf_generate"]

@@ -14,6 +14,7 @@ beyond the engine's own.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -66,3 +67,32 @@ def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> int:
         target[name].copy_(full.to(target[name].dtype))
         n += 1
     return n
+
+
+def init_root(model: torch.nn.Module) -> None:
+    """Make the sharded model's top-level module FSDP's root before any forward.
+
+    The log-probability passes call the decoder and `lm_head` directly (gspo/training/logprobs.py keeps logits
+    off the prompt positions), so the first FSDP module to run forward would be decoder layer 0, which FSDP2
+    would then take as the root; `generate` (through the top-level forward) would fail afterwards. FSDP2 has
+    no public call for this, so the private `_lazy_init` of the torch version pinned in pyproject.toml."""
+    model._get_fsdp_state()._lazy_init()
+
+
+@contextmanager
+def root_unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Gather the root unit's own parameters (embeddings, final norm, lm_head) around a pass that bypasses the
+    top-level forward (see `init_root`). Under grad they stay gathered until backward, whose final callback
+    reduce-scatters their gradients and reshards them (FSDP2 runs post-backward for every group still
+    unsharded); a no-grad pass reshards them on exit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        if not torch.is_grad_enabled():
+            model.reshard()
