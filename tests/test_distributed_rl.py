@@ -150,3 +150,16 @@ def test_two_processes_vllm_engines_equal_one_process(tmp_path):
     r1 = run_gspo(config, tmp_path / "one", 1)
     one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
     assert all("sync/seconds" in r for r in one)  # the engine was synced every rollout
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_lora_equal_one_process(tmp_path):
+    """A LoRA policy under FSDP2 (the HF model inside peft is the root; only adapters train): the same numbers
+    on two processes as on one."""
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
+    lora = ("lora.enabled=true", "optim.lr=3.0e-3")  # adapters start at B = 0: a larger step to move them
+    r2 = run_gspo(config, tmp_path / "two", 2, *lora)
+    r1 = run_gspo(config, tmp_path / "one", 1, *lora)
+    one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
+    assert one[0]["lora/trainable_frac"] < 0.5

@@ -38,11 +38,22 @@ def shard_policy(model: torch.nn.Module, *, param_dtype: torch.dtype | None = No
     own, e.g. fp32 on CPU); gradients are always reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from gspo.models.lora import hf_model_of, is_lora
+
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # A LoRA (peft) policy: the root is the HF model inside it, whose forward both peft's forward and its
+    # `generate` (which calls the inner model's) run through.
+    fully_shard(hf_model_of(model) if is_lora(model) else model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def fsdp_root(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The outermost FSDP2 module of `model` (itself, or the HF model inside a peft policy), or None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
 
 
 def full_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -76,7 +87,7 @@ def init_root(model: torch.nn.Module) -> None:
     off the prompt positions), so the first FSDP module to run forward would be decoder layer 0, which FSDP2
     would then take as the root; `generate` (through the top-level forward) would fail afterwards. FSDP2 has
     no public call for this, so the private `_lazy_init` of the torch version pinned in pyproject.toml."""
-    model._get_fsdp_state()._lazy_init()
+    fsdp_root(model)._get_fsdp_state()._lazy_init()
 
 
 @contextmanager
@@ -85,14 +96,13 @@ def root_unsharded(model: torch.nn.Module) -> Iterator[None]:
     top-level forward (see `init_root`). Under grad they stay gathered until backward, whose final callback
     reduce-scatters their gradients and reshards them (FSDP2 runs post-backward for every group still
     unsharded); a no-grad pass reshards them on exit."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
+    root = fsdp_root(model)
+    if root is None:
         yield
         return
-    model.unshard()
+    root.unshard()
     try:
         yield
     finally:
         if not torch.is_grad_enabled():
-            model.reshard()
+            root.reshard()
