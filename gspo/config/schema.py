@@ -194,6 +194,14 @@ class TrainConfig(Section):
         "Config file whose `data`, `rewards`, `eval` and `rollout` sampling settings that evaluation uses "
         "(e.g. recipes/tiny/eval.yaml; relative to this config's folder); null = this config's own (`eval.seed` "
         "makes a synthetic task draw other prompts than training).")
+    fsdp_param_dtype: Dtype | None = field(None,
+        "Several processes (FSDP2): the compute dtype the parameter shards are gathered in, e.g. bfloat16 with "
+        "model.dtype float32 (fp32 master weights and optimizer state, the standard mixed-precision recipe); "
+        "null = the parameters' own. Gradients are reduced in float32 either way. Activation checkpointing: "
+        "model.gradient_checkpointing.")
+    fsdp_cpu_offload: bool = field(False,
+        "Several processes (FSDP2): keep parameter shards, gradients and optimizer state in CPU memory "
+        "(CPUOffloadPolicy; the optimizer steps on the CPU), gathering each layer to the GPU when it runs.")
 
     def check(self) -> list[tuple[str, str]]:
         if self.eval_config is not None and not os.path.isfile(os.path.expanduser(self.eval_config)):

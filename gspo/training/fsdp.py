@@ -31,21 +31,23 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_policy(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None,
-                 mesh=None) -> torch.nn.Module:
+def shard_policy(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None, mesh=None,
+                 cpu_offload: bool = False) -> torch.nn.Module:
     """Shard `model` in place over the default process group (or `mesh`): one FSDP2 unit per decoder
     layer, then the root (embeddings, norm, head). `param_dtype`: the compute dtype (None: the parameters'
-    own, e.g. fp32 on CPU); gradients are always reduced in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    own, e.g. fp32 on CPU); gradients are always reduced in fp32. `cpu_offload`: shards, gradients and so
+    the optimizer state live in CPU memory (FSDP2's CPUOffloadPolicy)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from gspo.models.lora import hf_model_of, is_lora
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+          "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, **kw)
     # A LoRA (peft) policy: the root is the HF model inside it, whose forward both peft's forward and its
     # `generate` (which calls the inner model's) run through.
-    fully_shard(hf_model_of(model) if is_lora(model) else model, mesh=mesh, mp_policy=mp)
+    fully_shard(hf_model_of(model) if is_lora(model) else model, **kw)
     return model
 
 

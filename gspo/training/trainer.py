@@ -193,7 +193,11 @@ class GSPOTrainer:
             self.accelerator.init_trackers(cfg.logging.project, config=cfg.to_dict())
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        shard_policy(model)
+        from gspo.models.loading import torch_dtype_of
+
+        t = self.cfg.train
+        shard_policy(model, cpu_offload=t.fsdp_cpu_offload, param_dtype=torch_dtype_of(
+            t.fsdp_param_dtype, "train.fsdp_param_dtype") if t.fsdp_param_dtype else None)
         init_root(model)  # the logprob passes call the decoder directly (gspo/training/fsdp.py)
         return model
 
