@@ -318,8 +318,9 @@ def _full_factors(layer: Any, adapter: str) -> Iterator[None]:
 def consolidated_items(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Collective: the (possibly sharded, possibly peft) model's weights as a plain HF checkpoint holds them,
     one group at a time (a decoder layer, or one other tensor): full tensors under the saved names (transformers'
-    `revert_weight_conversion`, as save_pretrained), LoRA merged (W + ΔW, peft's `get_delta_weight`). Every rank
-    must iterate to the end; the groups are rank 0's plan, so the gathers match on every rank."""
+    `revert_weight_conversion`, as save_pretrained), LoRA merged (W + ΔW, peft's `get_delta_weight`), on rank 0;
+    the other ranks get empty groups. Every rank must iterate to the end; the groups are rank 0's plan, so the
+    gathers match on every rank."""
     from transformers.core_model_loading import revert_weight_conversion
 
     is_lora = lora.is_lora(model)
@@ -327,6 +328,7 @@ def consolidated_items(model: torch.nn.Module) -> Iterator[dict[str, torch.Tenso
     raw = hf.state_dict()
     plan = _broadcast(_plan(hf, raw) if _rank() == 0 else None)
     adapted = dict(lora._lora_layers(hf)) if is_lora else {}
+    rank0 = _rank() == 0
     with torch.no_grad():
         for _, entries in plan:
             group = {key: _full(raw[name].detach()) for key, name in entries}
@@ -336,12 +338,12 @@ def consolidated_items(model: torch.nn.Module) -> Iterator[dict[str, torch.Tenso
                     continue
                 for adapter in layer.active_adapters:
                     if adapter in layer.lora_A:
-                        with _full_factors(layer, adapter):
-                            delta = layer.get_delta_weight(adapter)
-                        delta = _full(delta)  # peft casts onto the base parameter (a DTensor when sharded)
-                        weight = weight + delta.to(weight.dtype)
+                        with _full_factors(layer, adapter):  # gathers on every rank; only rank 0 merges
+                            if rank0:
+                                weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
                 group[key] = weight
-            yield revert_weight_conversion(hf, group)
+            # Only rank 0 writes: the others gathered for the collectives' sake and yield nothing.
+            yield revert_weight_conversion(hf, group) if rank0 else {}
 
 
 class _ShardWriter:
@@ -434,10 +436,15 @@ def save_sharded_adapter(model: torch.nn.Module, tokenizer: Any, directory: str)
     `gspo.models.lora.save_adapter`) of a (possibly sharded) LoRA policy; only the adapter factors are
     gathered, one at a time."""
     root = lora._peft_root(model)
-    full = {name: _full(t.detach()) for name, t in root.state_dict().items()
-            if any(part.startswith("lora_") for part in name.split("."))}
+    rank0 = _rank() == 0
+    full = {}
+    for name, t in root.state_dict().items():
+        if any(part.startswith("lora_") for part in name.split(".")):
+            gathered = _full(t.detach())  # a collective: every rank gathers, rank 0 keeps (in host memory)
+            if rank0:
+                full[name] = gathered.cpu()
     error = None
-    if _rank() == 0:
+    if rank0:
         try:
             root.save_pretrained(directory, state_dict=full)
             if tokenizer is not None:
