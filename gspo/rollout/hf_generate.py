@@ -22,8 +22,28 @@ from typing import Any
 
 import torch
 
+from gspo.models.finite import NonFiniteError, describe_parameters, non_finite_rows, rows_text
 from gspo.registry import ROLLOUT_ENGINES
 from gspo.rollout.base import EngineInputs, RolloutBatch, SamplingSpec, assemble_batch, derive_seed
+
+
+class _FiniteGuard:
+    """Logits processor, first in the chain: raises `NonFiniteError` on NaN / inf in the model's raw logits,
+    before a warper or the sampler sees them (CUDA's multinomial would stop the process with a device-side assert
+    naming nothing). It names the step, the rows and the model's first non-finite parameter when there is one.
+    Raw logits only: top-k / top-p set -inf on purpose, after this check. Its one host transfer per step adds
+    little to `generate`, which synchronises every step anyway (its stopping check reads a device value)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        if not bool(torch.isfinite(scores).all()):
+            logits = f"logits at generation step {self.step}, {rows_text(non_finite_rows(scores))}"
+            raise NonFiniteError(f"{describe_parameters(self.model)}; {logits}", hop="rollout")
+        return scores
 
 
 class _DrawnTokenLogprobs:
@@ -102,8 +122,7 @@ class HFGenerateEngine:
             min_length=0, length_penalty=1.0, renormalize_logits=False,
         ), set(eos)
 
-    @staticmethod
-    def _processors(sampling: SamplingSpec) -> tuple[Any, _DrawnTokenLogprobs]:
+    def _processors(self, sampling: SamplingSpec) -> tuple[Any, _DrawnTokenLogprobs]:
         from transformers import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -111,7 +130,7 @@ class HFGenerateEngine:
             TopPLogitsWarper,
         )
 
-        procs: list[Any] = []
+        procs: list[Any] = [_FiniteGuard(self.model)]
         if sampling.temperature not in (0, 1.0):  # transformers' own order: temperature, top-k, top-p
             procs.append(TemperatureLogitsWarper(sampling.temperature))
         if sampling.temperature != 0 and sampling.top_k > 0:
