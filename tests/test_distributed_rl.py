@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -92,15 +94,17 @@ def final_weights(out) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(one: dict, two: dict, start: dict) -> None:
-    """The two runs' updates agree to 1e-3 of each tensor's largest update (float summation order differs
-    between one batch and two shards, over several steps of Adam); and the weights did move."""
+    """The two runs' updates agree to 1% of each tensor's largest update, and the weights did move. Float
+    summation order differs between one batch and two shards, and Adam's g / sqrt(v) turns that noise on
+    near-zero gradient entries into O(lr) steps (measured: <= 0.4% of the router's largest update after 32
+    steps); a wrongly weighted shard or a wrong row changes the whole trajectory (every metric row differs)."""
     assert set(one) == set(two)
     moved = 0
     for k, a in one.items():
         step_a, step_b = a - start[k], two[k] - start[k]
         scale = float(step_a.abs().max())
         err = float((step_b - step_a).abs().max())
-        assert err <= 1e-3 * scale + 1e-6, (k, err, scale)
+        assert err <= 1e-2 * scale + 1e-6, (k, err, scale)
         moved += scale > 0
     assert moved > 0.5 * len(one)
 
@@ -127,17 +131,71 @@ def _check(one_out, two_out, r1, r2) -> list[dict]:
     return one
 
 
-@pytest.mark.timeout(600)
-def test_two_processes_hf_engine_equal_one_process(tmp_path):
+def start_weights(model: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(os.listdir(model)) if f.endswith(".safetensors")
+            for k, v in load_file(os.path.join(model, f)).items()}
+
+
+def rows_after(rows: list[dict], rollout: int) -> list[dict]:
+    return [r for r in rows if r["rollout"] > rollout]
+
+
+# ~3 min on 2 idle cores: four two-process runs (one killed) and two one-process runs.
+@pytest.mark.timeout(900)
+def test_two_processes_hf_engine_equal_one_process_and_resume_anywhere(tmp_path):
+    """Two processes equal one (metrics of every step, final weights); a two-process run killed with SIGKILL
+    and resumed on two processes continues as the uninterrupted run; its sharded checkpoint resumes on one
+    process and continues as the two-process run."""
     model = build_tiny_model("qwen3_moe", tmp_path / "model")
-    config = _write_config(tmp_path, model, engine="hf_generate")
-    assert _minibatches_within_one_rank(3) > 0  # a rank with no row of a minibatch is exercised
-    r2 = run_gspo(config, tmp_path / "two", 2)
-    r1 = run_gspo(config, tmp_path / "one", 1)
-    _check(tmp_path / "one", tmp_path / "two", r1, r2)
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=4)
+    assert _minibatches_within_one_rank(4) > 0  # a rank with no row of a minibatch is exercised
+    ckpt = ("train.save_every=1", "train.keep_checkpoints=4")
+    two, one = tmp_path / "two", tmp_path / "one"
+    r2 = run_gspo(config, two, 2, *ckpt)
+    r1 = run_gspo(config, one, 1)
+    _check(one, two, r1, r2)
     # Written by rank 0 only: one row per optimizer step, no row twice.
-    two = metrics(tmp_path / "two")
-    assert [r["step"] for r in two] == list(range(1, 25))
+    assert [r["step"] for r in metrics(two)] == list(range(1, 33))
+    start = start_weights(model)
+    assert_same_weights(final_weights(one), final_weights(two), start)
+
+    # The two-process checkpoint of rollout 2 resumed on one process (DCP reshards the shards to a plain model).
+    ckpt2 = two / "checkpoints" / "rollout-000002"
+    assert (ckpt2 / "dcp").is_dir()
+    solo = tmp_path / "solo"
+    r = run_gspo(config, solo, 1, f"resume_from={ckpt2}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert_same_rows(rows_after(metrics(two), 2), metrics(solo))
+    assert_same_weights(final_weights(two), final_weights(solo), start)
+
+    # SIGKILL of the whole two-process launch mid-run, then resume on two processes.
+    crashed = tmp_path / "crashed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for v in LAUNCH_VARS:
+        env.pop(v, None)
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                             "--nproc_per_node", "2", "-m", "gspo", "train", config, f"output_dir={crashed}",
+                             "train.save_every=1"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = crashed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    try:
+        while not (latest.exists() and latest.read_text().strip() >= "rollout-000002"):
+            assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers (their own session)
+        proc.wait()
+    assert not (crashed / "final").exists()  # it really died mid-run
+    killed_at = int(latest.read_text().strip().split("-")[1])
+    assert killed_at < 4
+    r = run_gspo(config, crashed, 2, "train.save_every=1", "resume_from=latest")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [x["step"] for x in metrics(crashed)] == list(range(1, 33))
+    assert_same_rows(rows_after(metrics(two), killed_at), rows_after(metrics(crashed), killed_at))
+    assert_same_weights(final_weights(two), final_weights(crashed), start)
 
 
 @pytest.mark.timeout(600)
@@ -150,6 +208,7 @@ def test_two_processes_vllm_engines_equal_one_process(tmp_path):
     r1 = run_gspo(config, tmp_path / "one", 1)
     one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
     assert all("sync/seconds" in r for r in one)  # the engine was synced every rollout
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), start_weights(model))
 
 
 @pytest.mark.timeout(600)
@@ -163,3 +222,6 @@ def test_two_processes_lora_equal_one_process(tmp_path):
     r1 = run_gspo(config, tmp_path / "one", 1, *lora)
     one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
     assert one[0]["lora/trainable_frac"] < 0.5
+    # final/ merged by both (the two-process one streamed by rank 0 from the shards), final_adapter/ next to it.
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), start_weights(model))
+    assert (tmp_path / "two" / "final_adapter" / "adapter_config.json").is_file()

@@ -37,12 +37,18 @@ import torch
 
 from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
-from gspo.models.policy import Policy, save_final
+from gspo.models.policy import Policy, is_sharded_checkpoint, save_final
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
 from gspo.rollout import EngineInputs, build_engine
 from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
+from gspo.training.dist_checkpoint import (
+    load_distributed_checkpoint,
+    save_consolidated,
+    save_distributed_checkpoint,
+    save_sharded_adapter,
+)
 from gspo.training.distributed import (
     Dist,
     all_gather_objects,
@@ -174,19 +180,23 @@ class GSPOTrainer:
             max_model_len=cfg.rollout.max_model_len or self._default_max_len(),
             model=self._unwrapped(),
             max_num_seqs=cfg.rollout.prompts_per_step // d.world * cfg.rollout.group_size))
-        if self.policy.engine_needs_first_sync:
-            self.engine.update_weights(self._unwrapped())
 
         self.rollout_idx, self.global_step = 0, 0
         self.saved_rollout = -1  # the rollout of the newest checkpoint on disk
         if resume:
-            state = load_training_state(resume, self.optimizer, self.scheduler)
+            if is_sharded_checkpoint(resume):  # written by N processes; DCP reshards it to this launch (any N)
+                state = load_distributed_checkpoint(resume, model=self._unwrapped(), scheduler=self.scheduler,
+                                                    optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
+            else:
+                state = load_training_state(resume, self.optimizer, self.scheduler)
             self.rollout_idx, self.global_step = state["rollout"], state["step"]
             self.saved_rollout = self.rollout_idx
             self.sampler.load_state_dict(state["sampler"])
             self.moe.load_state_dict(state.get("moe", {}))
             logger.info("resumed from %s at rollout %d (optimizer step %d)", resume, self.rollout_idx,
                         self.global_step)
+        if self.policy.engine_needs_first_sync:  # after the resume: a sharded checkpoint's weights load above
+            self.engine.update_weights(self._unwrapped())
         self.metrics = MetricsWriter(self.out, self.accelerator,
                                      keep_until_rollout=self.rollout_idx if resume else None) if d.main else None
         if trackers:
@@ -591,19 +601,18 @@ class GSPOTrainer:
         return final
 
     def _save_sharded(self, state: dict[str, Any]) -> str:
-        logger.warning("checkpoints of a multi-process run are not written yet")
-        return ""
+        """Collective: a torch.distributed.checkpoint of the shards (any number of processes resumes it)."""
+        return save_distributed_checkpoint(self.out, self.rollout_idx, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, tokenizer=self.tokenizer,
+                                           trainer_state=state, keep=self.cfg.train.keep_checkpoints,
+                                           lora_save=self.cfg.lora.save)
 
     def _save_final_sharded(self, final: str) -> None:
-        from gspo.training.fsdp import full_state_items
-
-        state = {}
-        for name, t in full_state_items(self.model):
-            if self.dist.main:
-                state[name] = t.detach().cpu().clone()
-        if self.dist.main:
-            os.makedirs(final, exist_ok=True)
-            torch.save(state, os.path.join(final, "weights.pt"))
+        """Collective: final/ as one process writes it (a plain HF folder, LoRA merged, plus final_adapter/),
+        streamed by rank 0 one layer at a time."""
+        save_consolidated(self.model, self.tokenizer, final)
+        if self.policy.is_lora:
+            save_sharded_adapter(self.model, self.tokenizer, final + "_adapter")
 
 
 def run_rl(cfg: Any) -> str:
