@@ -93,20 +93,21 @@ def final_weights(out) -> dict[str, torch.Tensor]:
     return state
 
 
-def assert_same_weights(one: dict, two: dict, start: dict) -> None:
-    """The two runs' updates agree to 1% of each tensor's largest update, and the weights did move. Float
-    summation order differs between one batch and two shards, and Adam's g / sqrt(v) turns that noise on
-    near-zero gradient entries into O(lr) steps (measured: <= 0.4% of the router's largest update after 32
-    steps); a wrongly weighted shard or a wrong row changes the whole trajectory (every metric row differs)."""
+def assert_same_weights(one: dict, two: dict, start: dict, *, moved_frac: float = 0.5) -> None:
+    """The two runs' updates of every tensor agree to 1% in norm (|Δ1 - Δ2| <= 0.01 |Δ1|), and the weights did
+    move. Float summation order differs between one batch and two shards, and Adam's g / sqrt(v) turns that
+    noise on near-zero gradient entries into O(lr) steps (measured: the largest such element, one embedding row
+    of a rarely seen token: 0.2% of the embedding's update norm after 24 steps with vLLM); a wrongly weighted shard or a
+    wrong row changes the whole trajectory (every metric row differs)."""
     assert set(one) == set(two)
     moved = 0
     for k, a in one.items():
         step_a, step_b = a - start[k], two[k] - start[k]
-        scale = float(step_a.abs().max())
-        err = float((step_b - step_a).abs().max())
+        scale = float(step_a.norm())
+        err = float((step_b - step_a).norm())
         assert err <= 1e-2 * scale + 1e-6, (k, err, scale)
         moved += scale > 0
-    assert moved > 0.5 * len(one)
+    assert moved > moved_frac * len(one), moved
 
 
 def _minibatches_within_one_rank(rollouts: int, n: int = 16, k: int = 8, seed: int = 0) -> int:
@@ -223,5 +224,7 @@ def test_two_processes_lora_equal_one_process(tmp_path):
     one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
     assert one[0]["lora/trainable_frac"] < 0.5
     # final/ merged by both (the two-process one streamed by rank 0 from the shards), final_adapter/ next to it.
-    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), start_weights(model))
+    # Only the adapted projections move (merged: W + BA).
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), start_weights(model),
+                        moved_frac=0.1)
     assert (tmp_path / "two" / "final_adapter" / "adapter_config.json").is_file()
