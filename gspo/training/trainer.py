@@ -206,7 +206,10 @@ class GSPOTrainer:
         from gspo.models.loading import torch_dtype_of
 
         t = self.cfg.train
-        shard_policy(model, cpu_offload=t.fsdp_cpu_offload, param_dtype=torch_dtype_of(
+        offload = t.fsdp_cpu_offload and self.device.type == "cuda"
+        if t.fsdp_cpu_offload and not offload:  # FSDP2's offload needs an accelerator to gather onto
+            logger.info("train.fsdp_cpu_offload: the shards already live in CPU memory on a CPU run; ignored")
+        shard_policy(model, cpu_offload=offload, param_dtype=torch_dtype_of(
             t.fsdp_param_dtype, "train.fsdp_param_dtype") if t.fsdp_param_dtype else None)
         init_root(model)  # the logprob passes call the decoder directly (gspo/training/fsdp.py)
         return model
