@@ -18,6 +18,8 @@ prompt's samples depend on the other prompts of its call: one sampler draws for 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -83,6 +85,23 @@ def _sharded() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def _root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """An FSDP2-sharded peft (LoRA) policy: peft's `generate` calls the inner HF model's, bypassing the root's
+    forward hooks, so the root's own parameters (embeddings, norm, head; the decoder layers are units with
+    their own hooks) are gathered around it. A no-op for any other model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class HFGenerateEngine:
@@ -152,10 +171,11 @@ class HFGenerateEngine:
             input_ids[b, p_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention_mask[b, p_len - len(ids):] = 1
         processors, capture = self._processors(sampling)
-        out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg,
-            logits_processor=processors, synced_gpus=_sharded(),
-        )
+        with _root_gathered(self.model):
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg,
+                logits_processor=processors, synced_gpus=_sharded(),
+            )
         new_tokens = out.sequences[:, p_len:]  # [b*G, steps]
         return new_tokens.cpu(), capture.logprobs(new_tokens).cpu()
 

@@ -39,20 +39,16 @@ def shard_policy(model: torch.nn.Module, *, param_dtype: torch.dtype | None = No
     the optimizer state live in CPU memory (FSDP2's CPUOffloadPolicy)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from gspo.models.lora import hf_model_of, is_lora
-
     kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
           "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
-    # A LoRA (peft) policy: the root is the HF model inside it, whose forward both peft's forward and its
-    # `generate` (which calls the inner model's) run through.
-    fully_shard(hf_model_of(model) if is_lora(model) else model, **kw)
+    fully_shard(model, **kw)  # a LoRA policy: the peft model (its generate bypasses it: see hf_generate)
     return model
 
 
 def fsdp_root(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The outermost FSDP2 module of `model` (itself, or the HF model inside a peft policy), or None."""
+    """The outermost FSDP2 module of `model` (the one `shard_policy` made the root), or None."""
     from torch.distributed.fsdp import FSDPModule
 
     return next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
