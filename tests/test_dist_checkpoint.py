@@ -415,3 +415,20 @@ def test_vllm_serves_the_consolidated_lora_merged_folder(lora_run):
                                        group_size=batch.group_size, pad_token_id=tok.pad_token_id)
         gaps.append(float(((logp - batch.logp).abs() * batch.mask).max()))
     assert gaps[0] < 1e-4 and gaps[1] > 1e-2, gaps  # the merged weights, not the base's
+
+
+@pytest.mark.timeout(120)
+def test_loading_a_full_checkpoint_into_a_lora_policy_names_the_key(tmp_path):
+    from gspo.models.loading import build_tokenizer
+    from gspo.training.dist_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
+
+    path = build_tiny_model("qwen3_moe", tmp_path / "model")
+    full = _build(path, False)
+    opt, sched = _opt(full)
+    ckpt = save_distributed_checkpoint(str(tmp_path / "run"), 1, model=full, optimizer=opt, scheduler=sched,
+                                       tokenizer=build_tokenizer(), trainer_state={"rollout": 1})
+    lora_model = _build(path, True)
+    opt, sched = _opt(lora_model)
+    with pytest.raises(ValueError, match=r"is a full fine-tuning checkpoint but the policy is a LoRA one: set "
+                                         r"lora.enabled as in the run that saved it$"):
+        load_distributed_checkpoint(ckpt, model=lora_model, optimizer=opt, scheduler=sched)
