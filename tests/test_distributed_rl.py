@@ -214,8 +214,8 @@ def test_two_processes_vllm_engines_equal_one_process(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_two_processes_lora_equal_one_process(tmp_path):
-    """A LoRA policy under FSDP2 (the peft model is the root, the HF engine samples through peft's generate; only adapters train): the same numbers
-    on two processes as on one."""
+    """A LoRA policy under FSDP2 (the peft model is the root, the HF engine samples through peft's generate;
+    only adapters train): the same numbers on two processes as on one."""
     model = build_tiny_model("qwen3_moe", tmp_path / "model")
     config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
     lora = ("lora.enabled=true", "optim.lr=3.0e-3")  # adapters start at B = 0: a larger step to move them
