@@ -213,11 +213,13 @@ def test_two_processes_vllm_engines_equal_one_process(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_two_processes_lora_equal_one_process(tmp_path):
-    """A LoRA policy under FSDP2 (the peft model is the root, the HF engine samples through peft's generate;
-    only adapters train): the same numbers on two processes as on one."""
+@pytest.mark.parametrize("engine", ["hf_generate", "vllm_colocate"])
+def test_two_processes_lora_equal_one_process(tmp_path, engine):
+    """A LoRA policy under FSDP2 (the peft model is the root; only adapters train): the same numbers on two
+    processes as on one, sampling through peft's generate (HF) or from vLLM engines synced with the merged
+    weights, gathered one layer at a time."""
     model = build_tiny_model("qwen3_moe", tmp_path / "model")
-    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
+    config = _write_config(tmp_path, model, engine=engine, rollouts=2)
     lora = ("lora.enabled=true", "optim.lr=3.0e-3")  # adapters start at B = 0: a larger step to move them
     r2 = run_gspo(config, tmp_path / "two", 2, *lora)
     r1 = run_gspo(config, tmp_path / "one", 1, *lora)

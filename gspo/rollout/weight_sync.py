@@ -291,7 +291,7 @@ def memory_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     base = _unwrap(model)
     with torch.no_grad():
         if is_lora(base):
-            return merged_state_dict(base)
+            return _GatheredState(merged_state_dict(base))
         return _GatheredState((k, v.detach()) for k, v in base.state_dict().items())
 
 
