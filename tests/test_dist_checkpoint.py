@@ -316,6 +316,9 @@ def test_consolidated_folder_loads_with_transformers_and_equals_the_full_weights
         assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(files), files
         if folder.endswith("consolidated"):  # 200 kB files: several, with an index
             assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+        # The architecture is the model's own class, not FSDP2's wrapper class (vLLM refuses "FSDP...").
+        with open(os.path.join(folder, "config.json")) as f:
+            assert json.load(f)["architectures"] == [type(lora.hf_model_of(ref) if r.lora else ref).__name__], folder
         got = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
         assert got.keys() == want.keys()
         for k, v in want.items():

@@ -418,7 +418,7 @@ def save_consolidated(model: torch.nn.Module, tokenizer: Any, directory: str, *,
     if writer is not None and error is None:
         try:
             writer.close()
-            hf.config.architectures = [type(hf).__name__]
+            hf.config.architectures = [architecture_name(hf)]
             hf.config.save_pretrained(directory)
             if getattr(hf, "generation_config", None) is not None and hf.can_generate():
                 hf.generation_config.save_pretrained(directory)
@@ -429,6 +429,14 @@ def save_consolidated(model: torch.nn.Module, tokenizer: Any, directory: str, *,
             error = e
     _agree(error, f"writing {directory}")
     return directory
+
+
+def architecture_name(model: torch.nn.Module) -> str:
+    """The model's own class name for config.json: FSDP2's `fully_shard` swaps the class for a generated
+    subclass (`FSDPQwen3MoeForCausalLM`) that transformers tolerates and vLLM refuses."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
 
 
 def save_sharded_adapter(model: torch.nn.Module, tokenizer: Any, directory: str) -> str:
