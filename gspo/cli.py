@@ -368,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from gspo.models.finite import NonFiniteError
     from gspo.pipeline import PipelineError
     from gspo.rewards import RewardError, RewardLoadError
 
-    return (OSError, RewardError, RewardLoadError, PipelineError)
+    return (OSError, RewardError, RewardLoadError, PipelineError, NonFiniteError)
 
 
 def describe_error(e: BaseException) -> str:

@@ -153,3 +153,60 @@ def test_finder_on_sharded_parameters_agrees_over_processes(tiny, tmp_path):
     mp.start_processes(_sharded_worker, args=(2, path, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == (FIRST, 1)
+
+
+@pytest.mark.timeout(300)
+def test_trainer_stops_at_the_first_nan_gradient_before_any_weight_changes(warm_model, tmp_path):
+    """The GPU failure's shape (a finite loss whose backward gives NaN gradients, then NaN weights, then a device
+    assert in the next rollout's sampling), planted on CPU: the run stops in rollout 1's update naming the
+    parameter, and no weight was touched by the NaN step."""
+    from dataclasses import replace
+
+    from conftest import tiny_config
+
+    from gspo.training.trainer import GSPOTrainer
+
+    cfg = tiny_config("reasoning_rl.yaml", tmp_path, f"model.name_or_path={warm_model}",
+                      "rollout.engine=hf_generate", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8")
+    trainer = GSPOTrainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    loss_fn = trainer.spec.fn
+
+    def nan_gradient_loss(logp, *args, **kwargs):
+        out = loss_fn(logp, *args, **kwargs)
+        poison = (logp * 0).sum().sqrt() * 0  # finite value (0), NaN gradient (d sqrt(x)/dx at 0 is inf; inf * 0)
+        return replace(out, loss=out.loss + poison)
+
+    trainer.spec = replace(trainer.spec, fn=nan_gradient_loss)
+    with pytest.raises(NonFiniteError) as err:
+        trainer.step()
+    msg = str(err.value)
+    assert msg.startswith("non-finite values at rollout 1, hop update: gradient of ") and "\n" not in msg, msg
+    assert err.value.rollout == 1 and err.value.hop == "update"
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+@pytest.mark.timeout(300)
+def test_trainer_stops_at_old_logprobs_of_a_nan_weight(warm_model, tmp_path):
+    """A NaN weight the sampler does not trip on (here: the engine is a stand-in that returns finished
+    completions) is caught by the π_old check, naming the rollout, the hop and the rows."""
+    from conftest import tiny_config
+
+    from gspo.training.trainer import GSPOTrainer
+
+    cfg = tiny_config("reasoning_rl.yaml", tmp_path, f"model.name_or_path={warm_model}",
+                      "rollout.engine=hf_generate", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8")
+    trainer = GSPOTrainer(cfg)
+    real_generate = trainer.engine.generate
+
+    def generate_then_break(*args, **kwargs):
+        batch = real_generate(*args, **kwargs)
+        with torch.no_grad():
+            trainer.model.get_output_embeddings().weight[:] = float("nan")
+        return batch
+
+    trainer.engine.generate = generate_then_break
+    with pytest.raises(NonFiniteError) as err:
+        trainer.step()
+    assert str(err.value).startswith("non-finite values at rollout 1, hop old_logprobs: old_logprobs of completion")

@@ -57,6 +57,7 @@ from gspo.training.distributed import (
     gather_rows,
     init_distributed,
 )
+from gspo.training.finite import at_rollout, check_gradients, check_logprobs, check_parameters
 from gspo.training.fsdp import init_root, root_unsharded, shard_policy
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary
@@ -310,7 +311,7 @@ class GSPOTrainer:
             prompt_ids = [self._prompt_ids(r) for r in rows]
             lo, hi = self.dist.share(len(rows))
 
-        with timer("rollout"):
+        with timer("rollout"), at_rollout(self.rollout_idx):  # the HF engine's logits guard knows no rollout
             batch = self.engine.generate(prompt_ids[lo:hi], replace(self._sampling(), first_prompt=lo))
             if self.cfg.rollout.sleep_between_rollouts:  # free the engine's memory for the update (GPU)
                 self.engine.sleep()
@@ -336,11 +337,13 @@ class GSPOTrainer:
         with timer("old_logprobs"), self._inference(), \
                 self.moe.old_pass(data.layout_mask(own), gather=self._gather_records):
             data.old_logp = self._old_logprobs(data, own)
+            check_logprobs(data.old_logp, data.batch.mask, self.rollout_idx)
         if self.cfg.algorithm.beta > 0:
             with timer("ref_logprobs"), self._inference(), self._reference():
                 data.ref_logp = self._global_rows(
                     self._logp(batch, own, model=self.ref_model, prompt_len=data.prompt_len).float().cpu()
                     if own is not None else self._logp(batch, model=self.ref_model).float().cpu(), batch)
+                check_logprobs(data.ref_logp, data.batch.mask, self.rollout_idx, "ref_logprobs")
 
         with timer("update"):
             update_rows = self._update(data)
@@ -348,6 +351,7 @@ class GSPOTrainer:
         with timer("weight_sync"):
             if self.cfg.rollout.sleep_between_rollouts:
                 self.engine.wake_up()
+            check_parameters(self.model, self.rollout_idx, "weight_sync")  # the engine never samples NaN weights
             self.engine.update_weights(self._unwrapped())
 
         rollout_metrics = self._rollout_metrics(data, reward_metrics)
@@ -469,6 +473,8 @@ class GSPOTrainer:
                                        clip_low=self.clip_low, clip_high=self.clip_high, ref_logp=ref_logp,
                                        **opts)
                     self.accelerator.backward(loss_out.loss + moe_mb.aux_loss())
+                # A NaN gradient would turn every weight into NaN in one step (clipping spreads it): stop here.
+                check_gradients(self.model, self.rollout_idx)
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -505,6 +511,7 @@ class GSPOTrainer:
                                     data.batch.mask[rows].to(dev), clip_low=self.clip_low,
                                     clip_high=self.clip_high, ref_logp=ref_logp, **opts)
             (loss_out.loss * w + moe_mb.aux_loss() * w_tok).backward()
+        check_gradients(self.model, self.rollout_idx)  # collective: every rank checks at this point
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
