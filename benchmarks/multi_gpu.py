@@ -217,11 +217,18 @@ def child(args: argparse.Namespace) -> None:
             if rank == 0:
                 print("ROLLOUT " + json.dumps(rec), flush=True)
     steady = rows[1:] or rows
+    peaks = [{"gpu": rank, "peak_alloc_gib": rows[-1]["peak_alloc_gib"], "peak_used_gib": rows[-1]["peak_used_gib"]}]
+    if world > 1:  # every GPU's peak (the trainer has set up the process group)
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, peaks[0])
+        peaks = gathered
     summary = {"layers": args.layers, "gpus": world, "setup_s": round(setup, 1),
                "step_s": statistics.median(r["hops"]["step"] for r in steady),
                "hops": {k: statistics.median(r["hops"][k] for r in steady) for k in steady[0]["hops"]},
                "tokens_per_s_per_gpu": statistics.median(r["tokens_per_s_per_gpu"] for r in steady),
-               "peak_used_gib": rows[-1]["peak_used_gib"], "peak_alloc_gib": rows[-1]["peak_alloc_gib"],
+               "peak_per_gpu": peaks,
                "nonfinite": [e for e in finite_log if e["grad_nonfinite"] or e["param_nonfinite"]]}
     if rank == 0:
         print("SUMMARY " + json.dumps(summary), flush=True)
