@@ -133,6 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
     """`gspo serve CONFIG`: the engine the config's rl stage would sample with, in this process, over HTTP
     (gspo/rollout/vllm_server.py). A tiny model is built in a temporary folder (the trainer pushes its own
     weights before the first rollout, so the server's copy only has to share the architecture)."""
+    import shutil
     import tempfile
 
     from transformers import AutoTokenizer
@@ -159,10 +160,14 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serving {m.name_or_path} ({cfg.rollout_dtype}, max_model_len {max_len}) on "
           f"http://{args.host}:{args.port}; attach with rollout.engine=vllm_server "
           f"rollout.server_url=http://{args.host}:{args.port}", flush=True)
-    serve(path, tok_path, dtype=cfg.rollout_dtype, seed=cfg.seed, max_model_len=max_len,
-          max_num_seqs=r.prompts_per_step * r.group_size, host=args.host, port=args.port,
-          kv_cache_memory_bytes=r.kv_cache_memory_bytes, gpu_memory_utilization=r.gpu_memory_utilization,
-          enforce_eager=r.enforce_eager)
+    try:
+        serve(path, tok_path, dtype=cfg.rollout_dtype, seed=cfg.seed, max_model_len=max_len,
+              max_num_seqs=r.prompts_per_step * r.group_size, host=args.host, port=args.port,
+              kv_cache_memory_bytes=r.kv_cache_memory_bytes, gpu_memory_utilization=r.gpu_memory_utilization,
+              enforce_eager=r.enforce_eager)
+    finally:
+        if tiny:  # the temporary folder this command made
+            shutil.rmtree(where, ignore_errors=True)
     return 0
 
 
