@@ -280,8 +280,6 @@ def _fmt_default(f: Any) -> str:
         return f'`"{value}"`'
     if isinstance(value, list):
         return "`[" + ", ".join(map(str, value)) + "]`"
-    if isinstance(value, dict):
-        return "`{}`" if not value else f"`{value}`"
     return f"`{value!r}`"
 
 

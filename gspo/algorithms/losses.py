@@ -138,14 +138,34 @@ class LossSpec:
 
 @dataclass
 class _Inputs:
+    """The cleaned batch and the call's options, as a loss's formula sees them."""
+
+    fn: str  # the loss's name, for error messages
     logp: torch.Tensor  # [N, T], compute dtype, padding replaced by 0
     old_logp: torch.Tensor  # [N, T], detached, padding replaced by 0
     adv: torch.Tensor  # [N, 1] or [N, T], detached, compute dtype
     mask: torch.Tensor  # [N, T] bool
     rows: torch.Tensor  # [N] bool: completions with at least one valid token
+    clip_low: float
+    clip_high: float
+    max_log_ratio: float
+    max_completion_length: int | None
 
 
-def _prepare(fn: str, logp, old_logp, advantages, mask, clip_low, clip_high, per_token_ok: bool) -> _Inputs:
+@dataclass
+class _Terms:
+    """What a loss's formula hands to the shared epilogue (`_finish`)."""
+
+    objective: torch.Tensor  # scalar J
+    aggregate: Callable[[torch.Tensor], torch.Tensor]  # [N, T] -> scalar, as J reduces its terms (KL uses it)
+    low: torch.Tensor  # bool, clipped low: [N] per completion or [N, T] per token
+    high: torch.Tensor
+    ratios: torch.Tensor  # the ratios the algorithm uses, for the metrics
+    ratio_mask: torch.Tensor  # where `ratios` are valid
+
+
+def _prepare(fn: str, logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
+             max_completion_length, per_token_ok: bool) -> _Inputs:
     """Check shapes and ranges (errors name the function and the field) and clean the inputs."""
     if logp.dim() != 2:
         raise ValueError(f"{fn}: logp must be [N, T], got shape {list(logp.shape)}")
@@ -173,18 +193,20 @@ def _prepare(fn: str, logp, old_logp, advantages, mask, clip_low, clip_high, per
     old = torch.where(m, old_logp.detach().to(dtype), 0.0)
     adv = advantages.detach().to(dtype=dtype, device=logp.device)
     adv = torch.where(m, adv, 0.0) if adv.dim() == 2 else adv[:, None]
-    return _Inputs(lp, old, adv, m, m.any(-1))
+    return _Inputs(fn, lp, old, adv, m, m.any(-1), clip_low, clip_high, max_log_ratio, max_completion_length)
 
 
-def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: float):
+def _clipped_objective(ratio: torch.Tensor, inp: _Inputs, adv: torch.Tensor | None = None):
     """min(ratio * adv, clip(ratio, 1 - clip_low, 1 + clip_high) * adv), written with explicit masks.
 
-    ratio, adv: same (broadcast) shape -> term, is_low, is_high (bool). Where the clipped term wins, its
-    value is a constant (the clamped ratio does not depend on theta), so the gradient is 0 there.
+    ratio, adv (default `inp.adv`): same (broadcast) shape -> term, is_low, is_high (bool). Where the clipped
+    term wins, its value is a constant (the clamped ratio does not depend on theta), so the gradient is 0 there.
     """
-    is_high = (adv > 0) & (ratio > 1.0 + clip_high)
-    is_low = (adv < 0) & (ratio < 1.0 - clip_low)
-    clipped = ratio.detach().clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    adv = inp.adv if adv is None else adv
+    lo, hi = 1.0 - inp.clip_low, 1.0 + inp.clip_high
+    is_high = (adv > 0) & (ratio > hi)
+    is_low = (adv < 0) & (ratio < lo)
+    clipped = ratio.detach().clamp(lo, hi) * adv
     term = torch.where(is_low | is_high, clipped, ratio * adv)
     return term, is_low, is_high
 
@@ -194,8 +216,9 @@ def _seq_then_batch_mean(x: torch.Tensor, inp: _Inputs) -> torch.Tensor:
     return masked_mean(masked_mean(x, inp.mask, dim=-1), inp.rows)
 
 
-def _kl_term(fn, inp: _Inputs, ref_logp, beta, kl_estimator, aggregate) -> torch.Tensor | None:
+def _kl_term(inp: _Inputs, ref_logp, beta, kl_estimator, aggregate) -> torch.Tensor | None:
     """beta > 0: the KL estimate aggregated like the policy term; None otherwise (nothing computed)."""
+    fn = inp.fn
     if beta < 0:
         raise ValueError(f"{fn}: beta must be >= 0, got {beta}")
     if beta == 0:
@@ -209,20 +232,26 @@ def _kl_term(fn, inp: _Inputs, ref_logp, beta, kl_estimator, aggregate) -> torch
     return aggregate(kl_tok)
 
 
-def _finish(objective, kl, beta, inp: _Inputs, tok_low, tok_high, seq_low, seq_high, ratios, ratio_mask):
+def _finish(t: _Terms, kl, beta, inp: _Inputs) -> LossOutput:
     """loss = -J + beta * KL, plus the metrics, fetched from the device in one transfer.
 
-    tok_low/high [N, T] bool over valid tokens; seq_low/high [N] bool; ratios with their validity mask.
+    Clip flags given per completion count for every valid token of the completion; flags given per token
+    make their completion count as clipped when any of its tokens is.
     """
-    loss = -objective if kl is None else -objective + beta * kl
+    loss = -t.objective if kl is None else -t.objective + beta * kl
+    if t.low.dim() == 1:
+        tok_low, tok_high, seq_low, seq_high = t.low[:, None] & inp.mask, t.high[:, None] & inp.mask, t.low, t.high
+    else:
+        tok_low, tok_high = t.low & inp.mask, t.high & inp.mask
+        seq_low, seq_high = tok_low.any(-1), tok_high.any(-1)
     f = inp.logp.dtype
     n_tok = inp.mask.sum().clamp(min=1).to(f)
     n_seq = inp.rows.sum().clamp(min=1).to(f)
-    r = ratios.detach()
+    r, ratio_mask = t.ratios.detach(), t.ratio_mask
     any_ratio = ratio_mask.any()
     stats = [
-        (tok_low & inp.mask).sum() / n_tok,
-        (tok_high & inp.mask).sum() / n_tok,
+        tok_low.sum() / n_tok,
+        tok_high.sum() / n_tok,
         (seq_low & inp.rows).sum() / n_seq,
         (seq_high & inp.rows).sum() / n_seq,
         torch.where(any_ratio, masked_mean(r, ratio_mask), 1.0),
@@ -237,24 +266,50 @@ def _finish(objective, kl, beta, inp: _Inputs, tok_low, tok_high, seq_low, seq_h
     return LossOutput(loss=loss, metrics=dict(zip(keys, values, strict=True)))
 
 
+def _policy_loss(clip: tuple[float, float], *, per_token_advantages: bool):
+    """Give a loss's formula, `formula(inp: _Inputs) -> _Terms`, the one call shape (module docstring).
+
+    The returned function checks and cleans the inputs, runs the formula, adds the KL term aggregated like
+    the objective, and computes the metrics; it keeps the formula's name and docstring. `clip` is its
+    default (clip_low, clip_high).
+    """
+
+    def wrap(formula: Callable[[_Inputs], _Terms]) -> Callable[..., LossOutput]:
+        fn = formula.__name__
+
+        def loss(
+            logp: torch.Tensor,
+            old_logp: torch.Tensor,
+            advantages: torch.Tensor,
+            mask: torch.Tensor,
+            *,
+            clip_low: float = clip[0],
+            clip_high: float = clip[1],
+            ref_logp: torch.Tensor | None = None,
+            beta: float = 0.0,
+            kl_estimator: str = "k3",
+            max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
+            max_completion_length: int | None = None,  # used only by dr_grpo (its L_max)
+        ) -> LossOutput:
+            inp = _prepare(fn, logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
+                           max_completion_length, per_token_ok=per_token_advantages)
+            terms = formula(inp)
+            kl = _kl_term(inp, ref_logp, beta, kl_estimator, terms.aggregate)
+            return _finish(terms, kl, beta, inp)
+
+        loss.__name__ = loss.__qualname__ = fn
+        loss.__doc__ = formula.__doc__
+        return loss
+
+    return wrap
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sequence level
 
 
-def gspo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float = GSPO_CLIP[0],
-    clip_high: float = GSPO_CLIP[1],
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-    max_completion_length: int | None = None,  # unused: GSPO needs no length constant
-) -> LossOutput:
+@_policy_loss(GSPO_CLIP, per_token_advantages=False)
+def gspo_loss(inp: _Inputs) -> _Terms:
     """GSPO (Eq. 5): J = (1/N) sum_i min( s_i adv_i, clip(s_i, 1 - clip_low, 1 + clip_high) adv_i ).
 
     s_i = exp(mean_t (logp_it - old_logp_it)) [N] (Eq. 7, `sequence_log_ratio`); one term per completion,
@@ -262,33 +317,15 @@ def gspo_loss(
     unclipped terms: dJ/dlogp_it = adv_i s_i / (N |y_i|) -- every token of a completion the same weight.
     advantages: [N] only (per-token advantages belong to gspo_token).
     """
-    fn = "gspo_loss"
-    inp = _prepare(fn, logp, old_logp, advantages, mask, clip_low, clip_high, per_token_ok=False)
-    log_s = sequence_log_ratio(inp.logp, inp.old_logp, inp.mask, max_log_ratio=max_log_ratio)  # [N]
+    log_s = sequence_log_ratio(inp.logp, inp.old_logp, inp.mask, max_log_ratio=inp.max_log_ratio)  # [N]
     s = torch.exp(log_s)  # [N]
-    adv = inp.adv[:, 0]  # [N]
-    term, low, high = _clipped_objective(s, adv, clip_low, clip_high)  # [N]
+    term, low, high = _clipped_objective(s, inp, adv=inp.adv[:, 0])  # [N]
     objective = masked_mean(term, inp.rows)  # over completions with a valid token
-    kl = _kl_term(fn, inp, ref_logp, beta, kl_estimator, lambda x: _seq_then_batch_mean(x, inp))
-    # Token counting: every valid token of a clipped completion counts as clipped.
-    return _finish(objective, kl, beta, inp, low[:, None] & inp.mask, high[:, None] & inp.mask,
-                   low, high, s, inp.rows)
+    return _Terms(objective, lambda x: _seq_then_batch_mean(x, inp), low, high, s, inp.rows)
 
 
-def gspo_token_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float = GSPO_CLIP[0],
-    clip_high: float = GSPO_CLIP[1],
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-    max_completion_length: int | None = None,  # unused
-) -> LossOutput:
+@_policy_loss(GSPO_CLIP, per_token_advantages=True)
+def gspo_token_loss(inp: _Inputs) -> _Terms:
     """GSPO-token (Eq. 13-14): s_it = sg[s_i] * pi_theta(y_it) / sg[pi_theta(y_it)],
 
     J = (1/N) sum_i (1/|y_i|) sum_t min( s_it adv_it, clip(s_it, 1 - clip_low, 1 + clip_high) adv_it ).
@@ -296,20 +333,15 @@ def gspo_token_loss(
     in value and gradient (Eq. 10); it exists for per-token advantages [N, T] (multi-turn, token shaping).
     The sequence ratio is taken from the clamped log s_i, so a huge log-ratio stays finite here too.
     """
-    fn = "gspo_token_loss"
-    inp = _prepare(fn, logp, old_logp, advantages, mask, clip_low, clip_high, per_token_ok=True)
-    log_s = sequence_log_ratio(inp.logp, inp.old_logp, inp.mask, max_log_ratio=max_log_ratio)  # [N]
+    log_s = sequence_log_ratio(inp.logp, inp.old_logp, inp.mask, max_log_ratio=inp.max_log_ratio)  # [N]
     # [N, T], value log s_i. The token path carries gradient only where log s_i is inside the clamp, as in
     # gspo_loss (the clamp's gradient is 0 beyond it); else a clamped sequence would still push e^10 * adv.
-    live = (log_s.detach().abs() < max_log_ratio)[:, None]
+    live = (log_s.detach().abs() < inp.max_log_ratio)[:, None]
     log_s_it = log_s.detach()[:, None] + torch.where(live, inp.logp - inp.logp.detach(), 0.0)
     s_it = torch.exp(log_s_it)  # [N, T]
-    term, low, high = _clipped_objective(s_it, inp.adv, clip_low, clip_high)  # [N, T]
-    low, high = low & inp.mask, high & inp.mask
+    term, low, high = _clipped_objective(s_it, inp)  # [N, T]
     objective = _seq_then_batch_mean(term, inp)
-    kl = _kl_term(fn, inp, ref_logp, beta, kl_estimator, lambda x: _seq_then_batch_mean(x, inp))
-    return _finish(objective, kl, beta, inp, low, high, low.any(-1), high.any(-1), torch.exp(log_s).detach(),
-                   inp.rows)
+    return _Terms(objective, lambda x: _seq_then_batch_mean(x, inp), low, high, torch.exp(log_s), inp.rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,96 +349,51 @@ def gspo_token_loss(
 # only in how the [N, T] terms are reduced to a scalar.
 
 
-def _token_level(fn, logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio, ref_logp, beta,
-                 kl_estimator, aggregate_factory) -> LossOutput:
-    inp = _prepare(fn, logp, old_logp, advantages, mask, clip_low, clip_high, per_token_ok=True)
-    if max_log_ratio <= 0:
-        raise ValueError(f"{fn}: max_log_ratio must be > 0, got {max_log_ratio}")
-    log_w = token_log_ratio(inp.logp, inp.old_logp, inp.mask).clamp(-max_log_ratio, max_log_ratio)
+def _token_level(inp: _Inputs, aggregate: Callable[[torch.Tensor], torch.Tensor]) -> _Terms:
+    if inp.max_log_ratio <= 0:
+        raise ValueError(f"{inp.fn}: max_log_ratio must be > 0, got {inp.max_log_ratio}")
+    log_w = token_log_ratio(inp.logp, inp.old_logp, inp.mask).clamp(-inp.max_log_ratio, inp.max_log_ratio)
     w = torch.exp(log_w)  # [N, T], 1 on padding
-    term, low, high = _clipped_objective(w, inp.adv, clip_low, clip_high)  # [N, T]
-    low, high = low & inp.mask, high & inp.mask
-    aggregate = aggregate_factory(inp)
-    objective = aggregate(term)
-    kl = _kl_term(fn, inp, ref_logp, beta, kl_estimator, aggregate)
-    return _finish(objective, kl, beta, inp, low, high, low.any(-1), high.any(-1), w, inp.mask)
+    term, low, high = _clipped_objective(w, inp)  # [N, T]
+    return _Terms(aggregate(term), aggregate, low, high, w, inp.mask)
 
 
-def grpo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float = GRPO_CLIP[0],
-    clip_high: float = GRPO_CLIP[1],
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-    max_completion_length: int | None = None,  # unused
-) -> LossOutput:
+@_policy_loss(GRPO_CLIP, per_token_advantages=True)
+def grpo_loss(inp: _Inputs) -> _Terms:
     """GRPO: J = (1/N) sum_i (1/|y_i|) sum_t min(w_it adv_i, clip(w_it, 1 - eps, 1 + eps) adv_i).
 
     Token ratio w_it = pi_theta(y_it) / pi_old(y_it); token mean within a completion, mean over completions.
     """
-    return _token_level("grpo_loss", logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
-                        ref_logp, beta, kl_estimator, lambda inp: lambda x: _seq_then_batch_mean(x, inp))
+    return _token_level(inp, lambda x: _seq_then_batch_mean(x, inp))
 
 
-def dr_grpo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float = GRPO_CLIP[0],
-    clip_high: float = GRPO_CLIP[1],
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-    max_completion_length: int | None = None,
-) -> LossOutput:
+@_policy_loss(GRPO_CLIP, per_token_advantages=True)
+def dr_grpo_loss(inp: _Inputs) -> _Terms:
     """Dr.GRPO: J = (1 / (N * L_max)) sum_i sum_t min(w_it adv_i, clip(w_it) adv_i), L_max = max_completion_length.
 
     Dividing by a constant instead of |y_i| removes GRPO's length bias; use with scale="none" advantages.
     """
-    fn = "dr_grpo_loss"
-    if max_completion_length is None or int(max_completion_length) < 1:
+    l_max = inp.max_completion_length
+    if l_max is None or int(l_max) < 1:
         raise ValueError(
-            f"{fn}: max_completion_length (L_max, the constant the token sum is divided by) is required "
-            f"and must be a positive int, got {max_completion_length!r}"
+            f"{inp.fn}: max_completion_length (L_max, the constant the token sum is divided by) is required "
+            f"and must be a positive int, got {l_max!r}"
         )
-    longest = int(as_bool_mask(mask).sum(-1).max()) if mask.numel() else 0
-    if longest > max_completion_length:
-        raise ValueError(f"{fn}: a completion has {longest} valid tokens > max_completion_length={max_completion_length}")
-    denom = float(logp.shape[0] * int(max_completion_length))
-    return _token_level(fn, logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio, ref_logp,
-                        beta, kl_estimator, lambda inp: lambda x: masked_sum(x, inp.mask) / denom)
+    longest = int(inp.mask.sum(-1).max()) if inp.mask.numel() else 0
+    if longest > l_max:
+        raise ValueError(f"{inp.fn}: a completion has {longest} valid tokens > max_completion_length={l_max}")
+    denom = float(inp.mask.shape[0] * int(l_max))
+    return _token_level(inp, lambda x: masked_sum(x, inp.mask) / denom)
 
 
-def dapo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float = DAPO_CLIP[0],
-    clip_high: float = DAPO_CLIP[1],
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-    max_completion_length: int | None = None,  # unused
-) -> LossOutput:
+@_policy_loss(DAPO_CLIP, per_token_advantages=True)
+def dapo_loss(inp: _Inputs) -> _Terms:
     """DAPO: J = (1 / sum_i |y_i|) sum_i sum_t min(w_it adv_i, clip(w_it, 1 - 0.2, 1 + 0.28) adv_i).
 
     Token mean over the whole batch (every token weighs the same) with clip-higher. DAPO's dynamic
     sampling and overlong shaping live outside the loss.
     """
-    return _token_level("dapo_loss", logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
-                        ref_logp, beta, kl_estimator, lambda inp: lambda x: masked_mean(x, inp.mask))
+    return _token_level(inp, lambda x: masked_mean(x, inp.mask))
 
 
 # ----------------------------------------------------------------------------------------------------------

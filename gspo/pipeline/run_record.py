@@ -22,8 +22,9 @@ import logging
 import os
 import shutil
 import uuid
-from datetime import UTC, datetime
 from typing import Any
+
+from gspo.pipeline.manifest import now_utc
 
 logger = logging.getLogger("gspo")
 
@@ -36,10 +37,6 @@ KNOWN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints",
 
 class OutputDirError(ValueError):
     """The output folder cannot be used as asked (another run's, someone else's files, not writable)."""
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def read_record(output_dir: str) -> dict[str, Any] | None:
@@ -130,7 +127,7 @@ def claim_output_dir(output_dir: str, *, stage: str, resume: bool, overwrite: bo
     record = read_record(output_dir)
     entries = dir_entries(output_dir)
     if record is not None and resume:
-        record["updated_at"] = _now()
+        record["updated_at"] = now_utc()
         write_record(output_dir, record)
         return record
     foreign = [] if record is None and resume else list(entries)
@@ -147,8 +144,8 @@ def claim_output_dir(output_dir: str, *, stage: str, resume: bool, overwrite: bo
         logger.warning("%s: keeping %d entries gspo did not write: %s", output_dir, len(foreign),
                        _shown(foreign))
     os.makedirs(output_dir, exist_ok=True)
-    record = {"run_id": uuid.uuid4().hex, "stage": stage, "owner": owner, "created_at": _now(),
-              "updated_at": _now(), "foreign": foreign, "written": []}
+    record = {"run_id": uuid.uuid4().hex, "stage": stage, "owner": owner, "created_at": now_utc(),
+              "updated_at": now_utc(), "foreign": foreign, "written": []}
     write_record(output_dir, record)
     return record
 
@@ -160,5 +157,5 @@ def note_written(output_dir: str) -> None:
         return
     foreign = set(record.get("foreign", []))
     record["written"] = [e for e in dir_entries(output_dir) if e not in foreign]
-    record["updated_at"] = _now()
+    record["updated_at"] = now_utc()
     write_record(output_dir, record)

@@ -68,8 +68,6 @@ class Scored:
     metrics: dict[str, float]
 
 
-
-
 def open_engine(cfg: Any, model_path: str, tokenizer: Any, longest_prompt: int) -> Any:
     """The rollout engine of `cfg.rollout`, loading its own copy of `model_path` (no trainer model here)."""
     from gspo.rollout import EngineInputs, build_engine

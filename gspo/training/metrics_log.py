@@ -18,18 +18,30 @@ from typing import Any
 logger = logging.getLogger("gspo")
 
 
+def _wait_for_device() -> None:
+    # CUDA kernels run asynchronously: without waiting at a hop's edges, the tail of one hop's GPU work
+    # (e.g. the last optimizer step of `update`) is billed to whichever later hop synchronizes first.
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class HopTimer:
-    """Wall time per named hop of one RL step (`timing/<hop>` in the metrics)."""
+    """Wall time per named hop of one RL step (`timing/<hop>` in the metrics); on a GPU each hop waits for
+    its own kernels, so a hop's time is its own."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, hop: str) -> Iterator[None]:
+        _wait_for_device()
         start = time.perf_counter()
         try:
             yield
         finally:
+            _wait_for_device()
             self.seconds[hop] = self.seconds.get(hop, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:

@@ -111,12 +111,8 @@ def run_reward_model(cfg: Any) -> str:
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     model, tokenizer = build_reward_model(cfg.model, seed=cfg.seed)
     args = RewardConfig(
-        **common_args(cfg),
-        num_train_epochs=rc.num_epochs,
-        max_steps=rc.max_steps,
-        per_device_train_batch_size=rc.batch_size,
+        **common_args(cfg, rc),
         per_device_eval_batch_size=rc.batch_size,
-        max_length=rc.max_length,
         center_rewards_coefficient=rc.center_rewards_coefficient,
         gradient_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default would be True
         eval_strategy="no",

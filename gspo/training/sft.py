@@ -47,11 +47,7 @@ def run_sft(cfg: Any) -> str:
     model, tokenizer = policy.model, policy.tokenizer
     s = cfg.sft
     args = SFTConfig(
-        **common_args(cfg),
-        num_train_epochs=s.num_epochs,
-        max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size,
-        max_length=s.max_length,
+        **common_args(cfg, s),
         packing=s.packing,
         completion_only_loss=s.completion_only_loss,
         # 0.0 switches TRL's aux loss off; None would mean "the architecture's own coefficient".

@@ -15,13 +15,18 @@ def as_messages(x: Any, role: str) -> list[dict[str, str]]:
     return x if isinstance(x, list) else [{"role": role, "content": str(x)}]
 
 
-def common_args(cfg: Any) -> dict[str, Any]:
-    """transformers TrainingArguments from the `optim`, `logging`, `model` sections and the seed."""
+def common_args(cfg: Any, stage: Any) -> dict[str, Any]:
+    """transformers TrainingArguments from the `optim`, `logging`, `model` sections, the seed, and the length
+    keys every TRL stage's own section has (`stage`: num_epochs, max_steps, batch_size, max_length)."""
     import torch
 
     o = cfg.optim
     return {
         "output_dir": os.path.join(cfg.output_dir, "trl"),
+        "num_train_epochs": stage.num_epochs,
+        "max_steps": stage.max_steps,
+        "per_device_train_batch_size": stage.batch_size,
+        "max_length": stage.max_length,
         "learning_rate": o.lr,
         "weight_decay": o.weight_decay,
         "adam_beta1": o.adam_beta1,
