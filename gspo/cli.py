@@ -79,11 +79,11 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _preflight(cfg: Config) -> int:
+def _preflight(cfg: Config, skip: tuple[str, ...] = ()) -> int:
     """gspo.pipeline.preflight's checks: notes on stdout, one `error:` line per problem; EXIT_USAGE if any."""
     from gspo.pipeline.preflight import preflight
 
-    problems, notes = preflight(cfg)
+    problems, notes = preflight(cfg, skip=skip)
     for note in notes:
         print(f"note: {note}")
     for p in problems:
@@ -143,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gspo.rollout.server import serve
 
     cfg = load_config(args.config, args.overrides)
-    problems = _preflight(cfg)
+    problems = _preflight(cfg, skip=("rollout.server_url",))  # this command is what will answer there
     if problems:
         return problems
     m, r = cfg.model, cfg.rollout

@@ -140,3 +140,20 @@ def test_cli_reports_a_server_failure_as_one_line():
     from gspo.cli import user_errors
 
     assert issubclass(RolloutServerError, user_errors())
+
+
+@pytest.mark.timeout(60)
+def test_validate_names_an_unreachable_server_url_before_any_model_loads(tmp_path, capsys):
+    import socket
+
+    from gspo.cli import EXIT_USAGE, main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["validate", os.path.join(TINY, "reasoning_rl.yaml"), f"output_dir={tmp_path / 'x'}",
+                 "rollout.engine=vllm_server", f"rollout.server_url=http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE
+    assert any(line.startswith(f"error: rollout.server_url: no rollout server answers at http://127.0.0.1:{port}")
+               and "gspo serve CONFIG" in line for line in err), err
