@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -182,6 +183,11 @@ class VLLMServerEngine:
         if self.model is None:
             raise RolloutServerError(f"rollout server {self.url} does not hold this run's weights and the engine "
                                      "has no model to push (EngineInputs.model)")
+        if threading.current_thread() is not threading.main_thread():
+            # Generating ahead (max_staleness=1) while the trainer updates the model in place: the weights this
+            # rollout needs are gone and the module is mid-update, so nothing consistent can be pushed.
+            raise RolloutServerError(f"rollout server {self.url} restarted while generating the next rollout "
+                                     "ahead; resume the run with resume_from=latest")
         if self.server_id is not None:
             logger.warning("rollout server %s restarted (weights version %s, trainer at %d): pushing the current "
                            "weights before it generates", self.url, info["weights_version"], self.version)
