@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from gspo.config import Config, ConfigError, RewardSpec, is_required, load_config, type_name
+from gspo.launch import launch_rank
 from gspo.pipeline.run_record import OutputDirError, claim_output_dir, note_written
 
 EXIT_USAGE = 2  # a config / usage mistake, found before anything ran
@@ -186,20 +187,23 @@ def _train(args: argparse.Namespace) -> int:
     problems = _preflight(cfg)  # the same checks as `gspo validate`, before any model loads
     if problems:
         return problems
-    print(summary(cfg), flush=True)
-    # The folder becomes this run's (gspo_run.json) or the run is refused: nothing of an earlier run or of
-    # someone else is deleted or overwritten unasked.
-    claim_output_dir(cfg.output_dir, stage=cfg.stage, resume=cfg.resume_from is not None,
-                     overwrite=cfg.overwrite)
-    # The resolved config next to the outputs: `gspo train OUTPUT_DIR/config.yaml overwrite=true` (or with
-    # another output_dir), run from the same directory, repeats the run.
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(cfg.to_yaml())
+    main = launch_rank() == 0  # several processes: rank 0 prints and owns the folder (the stage waits for it)
+    if main:
+        print(summary(cfg), flush=True)
+        # The folder becomes this run's (gspo_run.json) or the run is refused: nothing of an earlier run or
+        # of someone else is deleted or overwritten unasked.
+        claim_output_dir(cfg.output_dir, stage=cfg.stage, resume=cfg.resume_from is not None,
+                         overwrite=cfg.overwrite)
+        # The resolved config next to the outputs: `gspo train OUTPUT_DIR/config.yaml overwrite=true` (or
+        # with another output_dir), run from the same directory, repeats the run.
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(cfg.to_yaml())
     try:
         result = spec.runner(cfg)
     finally:
-        note_written(cfg.output_dir)
-    if result:
+        if main:
+            note_written(cfg.output_dir)
+    if result and main:
         print(f"done: {result}")
     return 0
 

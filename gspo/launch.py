@@ -25,6 +25,19 @@ def launch_processes() -> tuple[int, str | None]:
     return 1, None
 
 
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def launch_rank() -> int:
+    """This process's rank in the launch (0 when not launched by one): rank 0 alone claims the output folder
+    and prints."""
+    for var in RANK_VARS:
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def process_count_problem(stage: str, max_processes: int | None) -> str | None:
     """One line when this launch has more processes than stage `stage` runs on (`max_processes`; None: any)."""
     n, var = launch_processes()

@@ -147,6 +147,10 @@ class RolloutConfig(Section):
         "vllm_server: seconds one request (a rollout, a weight push) may take before the run stops with a "
         "checkpoint.", gt=0)
     server_start_timeout: float = field(900.0, "vllm_server: seconds a started server may take to load.", gt=0)
+    hf_batch_prompts: int = field(0,
+        "hf_generate: prompts per generate call; 0 = all of a process's prompts in one call. One sampler "
+        "draws for a whole call, so only 1 (each prompt its own seeded call, as vLLM samples) gives a "
+        "multi-process run the completions of a one-process run.", ge=0)
 
 
 class AlgorithmConfig(Section):
@@ -211,6 +215,14 @@ class TrainConfig(Section):
         "Config file whose `data`, `rewards`, `eval` and `rollout` sampling settings that evaluation uses "
         "(e.g. recipes/tiny/eval.yaml; relative to this config's folder); null = this config's own (`eval.seed` "
         "makes a synthetic task draw other prompts than training).")
+    fsdp_param_dtype: Dtype | None = field(None,
+        "Several processes (FSDP2): the compute dtype the parameter shards are gathered in, e.g. bfloat16 with "
+        "model.dtype float32 (fp32 master weights and optimizer state, the standard mixed-precision recipe); "
+        "null = the parameters' own. Gradients are reduced in float32 either way. Activation checkpointing: "
+        "model.gradient_checkpointing.")
+    fsdp_cpu_offload: bool = field(False,
+        "Several processes (FSDP2): keep parameter shards, gradients and optimizer state in CPU memory "
+        "(CPUOffloadPolicy; the optimizer steps on the CPU), gathering each layer to the GPU when it runs.")
 
     def check(self) -> list[tuple[str, str]]:
         if self.eval_config is not None and not os.path.isfile(os.path.expanduser(self.eval_config)):

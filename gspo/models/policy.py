@@ -10,7 +10,9 @@ Callers (the rl trainer, the SFT stage) ask the `Policy`; none of them branches 
 - weights for sync: the engine gets `gspo.models.loading.checkpoint_state_items`, merged for LoRA; a LoRA run
   resumed from a checkpoint must send them once before the first rollout (the engine loaded the base);
 - save: `final/` is always a plain merged model the next stage loads; LoRA adds `final_adapter/`; a
-  checkpoint holds `model/`, or for LoRA `adapter/` and/or the merged `model/` (`lora.save`).
+  checkpoint holds `model/`, or for LoRA `adapter/` and/or the merged `model/` (`lora.save`);
+- a sharded checkpoint (`gspo.training.dist_checkpoint`, a `dcp/` folder) holds the trained weights in its
+  shards: the policy is loaded from `cfg.model` and `load_distributed_checkpoint` restores them.
 """
 
 from __future__ import annotations
@@ -25,15 +27,26 @@ from gspo.models import lora
 from gspo.models.loading import load_policy
 from gspo.models.provenance import provenance, write_provenance
 
+SHARDED_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder (gspo.training.dist_checkpoint)
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """Whether checkpoint `path` was written by `save_distributed_checkpoint` (weights in shards, not `model/`)."""
+    return os.path.isdir(os.path.join(path, SHARDED_DIR))
+
 
 class Policy:
     """The trained model with its tokenizer, full or LoRA (`lora.enabled`); see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, lora_cfg: Any, *, resumed: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, lora_cfg: Any, *, resumed: bool = False,
+                 sharded_resume: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.lora_cfg = lora_cfg
         self.resumed = resumed
+        # Resumed from a sharded checkpoint: the weights arrive later (load_distributed_checkpoint), after the
+        # engine loaded `model_path`, so the engine needs them once before the first rollout.
+        self.sharded_resume = sharded_resume
         # Where the engine loads the same starting weights from (before any adapter is added).
         self.model_path = provenance(model)["loaded_from"]
         self.metrics: dict[str, float] = {}  # logged with every rollout (LoRA: trainable share, ...)
@@ -45,17 +58,19 @@ class Policy:
         lora_on = cfg.lora.enabled
         # A resumed full run loads the checkpoint's weights as a plain HF directory (the engine loads the same);
         # a LoRA run keeps its frozen base (cfg.model) and resumes the adapter instead.
+        # A sharded checkpoint has no model/: the policy starts from cfg.model and its shards are loaded later.
         model_cfg = cfg.model
-        if resume and not lora_on:
+        sharded = bool(resume) and is_sharded_checkpoint(resume)
+        if resume and not lora_on and not sharded:
             model_cfg = cfg.model.model_copy(update={"name_or_path": os.path.join(resume, "model"), "tiny": {}})
         model, tokenizer = load_policy(model_cfg, output_dir=output_dir)
-        policy = cls(model, tokenizer, cfg.lora, resumed=bool(resume))
+        policy = cls(model, tokenizer, cfg.lora, resumed=bool(resume), sharded_resume=sharded)
         if lora_on:  # adapters before router controls and the optimizer, so only adapter parameters train
             if engine is not None:
                 lora.check_sync_mode(cfg.lora, engine)
             policy.model = lora.apply_lora(model, cfg.lora)
             policy.metrics = policy.model.gspo_lora.metrics()
-            if resume:
+            if resume and not sharded:
                 lora.load_adapter(policy.model, os.path.join(resume, lora.ADAPTER_DIR))
         return policy
 
@@ -66,8 +81,9 @@ class Policy:
     @property
     def engine_needs_first_sync(self) -> bool:
         """Whether the engine, which loaded `model_path`, must get the weights before the first rollout: a
-        resumed LoRA run (the engine has the base, the policy has the resumed adapter)."""
-        return self.resumed and self.is_lora
+        resumed LoRA run (the engine has the base, the policy has the resumed adapter), or any run resumed from
+        a sharded checkpoint (the engine has `cfg.model`, the shards hold the trained weights)."""
+        return self.resumed and (self.is_lora or self.sharded_resume)
 
     def reference(self, model_cfg: Any, output_dir: str) -> torch.nn.Module | None:
         """The frozen KL reference (the stage's starting policy, `model_cfg`), or None when the policy itself

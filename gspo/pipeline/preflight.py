@@ -8,7 +8,8 @@
     rewards    each reward's signature can take the data's columns (the trainer's start-up check, run early)
     output_dir writable, and safe to write: not another run's or someone else's files (gspo/pipeline/run_record.py)
     resume_from a finished checkpoint exists (`latest` in output_dir, or the named folder)
-    processes  the launch (torchrun, accelerate launch, mpirun) has no more processes than the stage runs on
+    processes  the launch (torchrun, accelerate launch, mpirun) has no more processes than the stage runs on;
+               an rl launch of N processes has prompts_per_step divisible by N
 
 `preflight` returns (problems, notes): problems are ConfigErrors (one line each, naming the key), notes are
 facts worth printing (a Hub id). Nothing here downloads or loads a model.
@@ -21,7 +22,7 @@ import re
 from typing import Any
 
 from gspo.config import Config, ConfigError
-from gspo.launch import process_count_problem
+from gspo.launch import launch_processes, launch_rank, process_count_problem
 from gspo.registry import STAGES
 
 # A Hugging Face Hub repo id: `name` or `org/name` (letters, digits, - _ .). A local path that does not exist
@@ -104,6 +105,13 @@ def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = (
     too_many = process_count_problem(cfg.stage, STAGES.get(cfg.stage).max_processes)
     if too_many:
         problems.append(ConfigError(f"stage: {too_many}", "stage"))
+    world, var = launch_processes()
+    if world > 1 and cfg.stage == "rl" and cfg.rollout.prompts_per_step % world:
+        # Each process samples whole prompts (a group is never split across processes): B/N each.
+        problems.append(ConfigError(
+            f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts cannot be split evenly over the "
+            f"{world} processes of this launch ({var}={world}); use a multiple of {world}",
+            "rollout.prompts_per_step"))
     paths = [("model.name_or_path", cfg.model.name_or_path)]
     paths += [(f"rewards.{i}.kwargs.model_path", r.kwargs["model_path"]) for i, r in enumerate(cfg.rewards)
               if isinstance(r.kwargs.get("model_path"), str)]
@@ -132,7 +140,7 @@ def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = (
         p = _server_problem(ro.server_url)
         if p:
             problems.append(ConfigError(f"rollout.server_url: {p}", "rollout.server_url"))
-    if output_dir:
+    if output_dir and launch_rank() == 0:  # rank 0 claims the folder; the others would race it
         problem = check_output_dir(cfg.output_dir, resume=cfg.resume_from is not None, overwrite=cfg.overwrite)
         if problem:
             problems.append(ConfigError(f"output_dir: {problem}", "output_dir"))

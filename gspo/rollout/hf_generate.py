@@ -18,12 +18,34 @@ prompt's samples depend on the other prompts of its call: one sampler draws for 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from gspo.models.finite import NonFiniteError, describe_parameters, non_finite_rows, rows_text
 from gspo.registry import ROLLOUT_ENGINES
 from gspo.rollout.base import EngineInputs, RolloutBatch, SamplingSpec, assemble_batch, derive_seed
+
+
+class _FiniteGuard:
+    """Logits processor, first in the chain: raises `NonFiniteError` on NaN / inf in the model's raw logits,
+    before a warper or the sampler sees them (CUDA's multinomial would stop the process with a device-side assert
+    naming nothing). It names the step, the rows and the model's first non-finite parameter when there is one.
+    Raw logits only: top-k / top-p set -inf on purpose, after this check. Its one host transfer per step adds
+    little to `generate`, which synchronises every step anyway (its stopping check reads a device value)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        if not bool(torch.isfinite(scores).all()):
+            logits = f"logits at generation step {self.step}, {rows_text(non_finite_rows(scores))}"
+            raise NonFiniteError(f"{describe_parameters(self.model)}; {logits}", hop="rollout")
+        return scores
 
 
 class _DrawnTokenLogprobs:
@@ -53,6 +75,33 @@ class _DrawnTokenLogprobs:
         if not steps:
             return torch.zeros(new_tokens.shape, dtype=torch.float32)
         return torch.stack(steps, dim=1)
+
+
+def _sharded() -> bool:
+    """Several processes: the policy is FSDP-sharded and every forward is a collective, so `generate` keeps
+    each rank stepping until every rank's sequences are done (`synced_gpus`, made for ZeRO-3 / FSDP). The
+    sharded policy itself samples: an unsharded copy per rank would be a full copy of the model. A finished
+    rank's extra steps sample nothing, so its completions and RNG stream are those of a lone run."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def _root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """An FSDP2-sharded peft (LoRA) policy: peft's `generate` calls the inner HF model's, bypassing the root's
+    forward hooks, so the root's own parameters (embeddings, norm, head; the decoder layers are units with
+    their own hooks) are gathered around it. A no-op for any other model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class HFGenerateEngine:
@@ -92,8 +141,7 @@ class HFGenerateEngine:
             min_length=0, length_penalty=1.0, renormalize_logits=False,
         ), set(eos)
 
-    @staticmethod
-    def _processors(sampling: SamplingSpec) -> tuple[Any, _DrawnTokenLogprobs]:
+    def _processors(self, sampling: SamplingSpec) -> tuple[Any, _DrawnTokenLogprobs]:
         from transformers import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -101,7 +149,7 @@ class HFGenerateEngine:
             TopPLogitsWarper,
         )
 
-        procs: list[Any] = []
+        procs: list[Any] = [_FiniteGuard(self.model)]
         if sampling.temperature not in (0, 1.0):  # transformers' own order: temperature, top-k, top-p
             procs.append(TemperatureLogitsWarper(sampling.temperature))
         if sampling.temperature != 0 and sampling.top_k > 0:
@@ -123,10 +171,11 @@ class HFGenerateEngine:
             input_ids[b, p_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention_mask[b, p_len - len(ids):] = 1
         processors, capture = self._processors(sampling)
-        out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg,
-            logits_processor=processors,
-        )
+        with _root_gathered(self.model):
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg,
+                logits_processor=processors, synced_gpus=_sharded(),
+            )
         new_tokens = out.sequences[:, p_len:]  # [b*G, steps]
         return new_tokens.cpu(), capture.logprobs(new_tokens).cpu()
 
@@ -191,7 +240,7 @@ def build_hf_generate(section: Any, run: EngineInputs) -> HFGenerateEngine:
 
         model = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch_dtype_of(run.dtype, "rollout.dtype"))
         model.requires_grad_(False)
-    return HFGenerateEngine(model, run.tokenizer)
+    return HFGenerateEngine(model, run.tokenizer, batch_prompts=getattr(section, "hf_batch_prompts", 0))
 
 
 __all__ = ["HFGenerateEngine", "build_hf_generate"]

@@ -103,6 +103,26 @@ class SyncStats:
                 "sync/direct": float(self.path == "direct")}
 
 
+# ------------------------------------------------------------------------------------------------ sharding
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) tensor gathered whole, a plain one as it is. Gathering is a collective: every
+    process of the group iterates the same tensors in the same order (each syncs its own engine)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class _GatheredState(dict):
+    """A state dict whose sharded values are gathered when read, one at a time (the direct copy reads them in
+    the engine's parameter order, the same on every process)."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return full_tensor(super().__getitem__(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 - dict.get would skip the gather
+
+
 # ------------------------------------------------------------------------------------------------ ordering
 def layer_key(name: str) -> tuple[int, int]:
     """Sort key of a checkpoint name: (0, 0) before the decoder layers (embeddings), (1, i) for layer i,
@@ -137,6 +157,7 @@ def checkpoint_buckets(model: torch.nn.Module) -> Iterator[dict[str, torch.Tenso
         archs = set(getattr(base.config, "architectures", None) or [type(base).__name__])
         fused_ok: bool | None = None if FUSED_EXPERTS and archs & FUSED_EXPERT_ARCHITECTURES else False
         for group in group_by_layer(state):
+            group = {n: full_tensor(t) for n, t in group.items()}  # sharded (FSDP2): this layer only
             fused = {n: t for n, t in group.items() if _FUSED.match(n) and t.dim() == 3}
             if fused and fused_ok is None:
                 fused_ok = fused_names_match_checkpoint(base, fused)
@@ -270,8 +291,8 @@ def memory_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     base = _unwrap(model)
     with torch.no_grad():
         if is_lora(base):
-            return merged_state_dict(base)
-        return {k: v.detach() for k, v in base.state_dict().items()}
+            return _GatheredState(merged_state_dict(base))
+        return _GatheredState((k, v.detach()) for k, v in base.state_dict().items())
 
 
 def direct_source(name: str, state: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -183,7 +183,14 @@ def resolve_checkpoint(output_dir: str, resume_from: str) -> str:
 
 
 def load_training_state(path: str, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG states; return trainer_state.json's contents."""
+    """Restore optimizer, scheduler and RNG states; return trainer_state.json's contents. A sharded checkpoint
+    (written by N processes) is a ValueError naming the function that loads it, on any number of processes."""
+    from gspo.models.policy import is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is a sharded checkpoint (torch.distributed.checkpoint, no optimizer.pt): load "
+                         "it with gspo.training.dist_checkpoint.load_distributed_checkpoint, which also resumes "
+                         "it on one process")
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))

@@ -14,6 +14,7 @@ beyond the engine's own.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -30,18 +31,27 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_policy(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None,
-                 mesh=None) -> torch.nn.Module:
+def shard_policy(model: torch.nn.Module, *, param_dtype: torch.dtype | None = None, mesh=None,
+                 cpu_offload: bool = False) -> torch.nn.Module:
     """Shard `model` in place over the default process group (or `mesh`): one FSDP2 unit per decoder
     layer, then the root (embeddings, norm, head). `param_dtype`: the compute dtype (None: the parameters'
-    own, e.g. fp32 on CPU); gradients are always reduced in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    own, e.g. fp32 on CPU); gradients are always reduced in fp32. `cpu_offload`: shards, gradients and so
+    the optimizer state live in CPU memory (FSDP2's CPUOffloadPolicy)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+          "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)  # a LoRA policy: the peft model (its generate bypasses it: see hf_generate)
     return model
+
+
+def fsdp_root(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The outermost FSDP2 module of `model` (the one `shard_policy` made the root), or None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
 
 
 def full_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -66,3 +76,31 @@ def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> int:
         target[name].copy_(full.to(target[name].dtype))
         n += 1
     return n
+
+
+def init_root(model: torch.nn.Module) -> None:
+    """Make the sharded model's top-level module FSDP's root before any forward.
+
+    The log-probability passes call the decoder and `lm_head` directly (gspo/training/logprobs.py keeps logits
+    off the prompt positions), so the first FSDP module to run forward would be decoder layer 0, which FSDP2
+    would then take as the root; `generate` (through the top-level forward) would fail afterwards. FSDP2 has
+    no public call for this, so the private `_lazy_init` of the torch version pinned in pyproject.toml."""
+    fsdp_root(model)._get_fsdp_state()._lazy_init()
+
+
+@contextmanager
+def root_unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Gather the root unit's own parameters (embeddings, final norm, lm_head) around a pass that bypasses the
+    top-level forward (see `init_root`). Under grad they stay gathered until backward, whose final callback
+    reduce-scatters their gradients and reshards them (FSDP2 runs post-backward for every group still
+    unsharded); a no-grad pass reshards them on exit."""
+    root = fsdp_root(model)
+    if root is None:
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        if not torch.is_grad_enabled():
+            root.reshard()

@@ -98,8 +98,10 @@ class MoEMonitor:
             self.tracker.load_state_dict(state["tracker"])
 
     @contextmanager
-    def old_pass(self, layout_mask: torch.Tensor) -> Iterator[None]:
-        """Wrap π_old's forward over the whole rollout; keeps its routing for metrics, drift and replay."""
+    def old_pass(self, layout_mask: torch.Tensor, gather: Any = None) -> Iterator[None]:
+        """Wrap π_old's forward over the whole rollout; keeps its routing for metrics, drift and replay.
+        `gather`: records of this process's rows -> the global batch's (several processes; every rank calls
+        it, it is a collective)."""
         self.old = None
         if not self.needs_old_routing:
             yield
@@ -107,6 +109,8 @@ class MoEMonitor:
         with RoutingRecorder(self.forward_module, routers=self.routers, entropy=self.metrics_on) as rec:
             yield
         self.old = rec.records(mask=layout_mask.to(self.device))
+        if gather is not None:
+            self.old = gather(self.old)
 
     def rollout_metrics(self, rollout: int) -> dict[str, float]:
         if not self.metrics_on or self.old is None:

@@ -17,8 +17,10 @@ With lora.enabled the policy is a peft model (gspo/models/policy.py, docs/lora.m
 engine gets the merged weights, checkpoints hold adapter/ (+ merged model/), final/ is merged. The Policy
 object owns those differences; this module has no LoRA branch.
 
-Runs on one process (CPU or one GPU). Multi-GPU data parallelism needs a server-mode engine and sharded
-rollouts, which this trainer does not do yet.
+Runs on one process, or data parallel on N (torchrun / accelerate launch, one per GPU; gloo on CPU): the
+policy sharded with FSDP2 (gspo/training/fsdp.py), each rank sampling, scoring and computing log-probabilities
+for a contiguous slice of B/N whole prompts, every metric over the global batch (docs/architecture.md,
+"Several processes"). A one-process run takes none of those paths: its numbers are what they always were.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,14 +38,28 @@ import torch
 from gspo.algorithms import group_advantages, group_reward_stats
 from gspo.algorithms.behaviour import behaviour_correction
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
-from gspo.launch import process_count_problem
-from gspo.models.policy import Policy, save_final
+from gspo.models.policy import Policy, is_sharded_checkpoint, save_final
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
 from gspo.rollout import EngineInputs, build_engine
-from gspo.rollout.base import RolloutBatch, SamplingSpec
+from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch
 from gspo.rollout.vllm_server import RolloutServerError
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
+from gspo.training.dist_checkpoint import (
+    load_distributed_checkpoint,
+    save_consolidated,
+    save_distributed_checkpoint,
+    save_sharded_adapter,
+)
+from gspo.training.distributed import (
+    Dist,
+    all_gather_objects,
+    all_reduce,
+    barrier,
+    gather_rows,
+    init_distributed,
+)
+from gspo.training.fsdp import init_root, root_unsharded, shard_policy
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary
 from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
@@ -81,6 +97,23 @@ def _repeat(values: list[Any], g: int) -> list[Any]:
     return [v for v in values for _ in range(g)]
 
 
+def _global_reward_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
+    """rewards/<name>/* over the global batch from every rank's RewardSet result: mean, std and abstain rate
+    recomputed on the gathered values (as gspo/rewards.py computes them), errors summed; what a function
+    logged itself (`log_metric`) is the mean of the ranks' values."""
+    out: dict[str, float] = {}
+    for key in parts[0]["metrics"]:
+        vals = [p["metrics"][key] for p in parts if key in p["metrics"]]
+        out[key] = sum(vals) if key.endswith("/errors") else sum(vals) / len(vals)
+    for name in parts[0]["per_function"]:
+        t = torch.cat([p["per_function"][name] for p in parts])
+        present = t[~torch.isnan(t)]
+        out[f"rewards/{name}/mean"] = present.mean().item() if present.numel() else float("nan")
+        out[f"rewards/{name}/std"] = present.std(unbiased=False).item() if present.numel() else float("nan")
+        out[f"rewards/{name}/abstain_rate"] = (1.0 - present.numel() / t.numel()) if t.numel() else 0.0
+    return out
+
+
 class GSPOTrainer:
     """The `rl` stage's loop: owns the policy (full or LoRA), its optimizer, the rollout engine, the reward set
     and the MoE monitor; `train()` runs `train.num_rollouts` calls of `step()` with checkpoints and returns
@@ -92,25 +125,39 @@ class GSPOTrainer:
 
         self.cfg = cfg
         self.out = cfg.output_dir
+        # Several processes (the launcher's WORLD_SIZE): the process group is ours, not accelerate's (its count
+        # misses torchrun on CPU, gspo/launch.py), and so is the sharding (FSDP2 with one unit per decoder
+        # layer, `shard_policy`); accelerate is kept for one process, whose numbers must not change.
+        self.dist: Dist = init_distributed()
+        d = self.dist
+        if d.world > 1 and cfg.rollout.engine == "vllm_server":  # one server and one pusher per run for now
+            raise RuntimeError(f"rollout.engine=vllm_server runs with one trainer process; this launch started "
+                               f"{d.world}: launch one process, or use rollout.engine=vllm_colocate")
+        if not d.main:  # progress, logs and files come from rank 0 only
+            logging.getLogger("gspo").setLevel(logging.WARNING)
+        barrier(d)  # rank 0 claimed the output folder (gspo.cli) before anyone writes into it
         os.makedirs(self.out, exist_ok=True)
         set_seed(cfg.seed)
-        trackers = list(cfg.logging.trackers) or None
-        # Every process would sample its own rollouts and write the same files: refuse instead, reading the
-        # launcher's environment (accelerate's own count misses torchrun on a machine without CUDA).
-        too_many = process_count_problem("rl", 1)
-        if too_many:
-            raise RuntimeError(too_many)
-        self.accelerator = Accelerator(log_with=trackers, project_dir=self.out)
-        if self.accelerator.num_processes > 1:
-            raise RuntimeError(f"the rl stage runs on one process; accelerate started "
-                               f"{self.accelerator.num_processes}: launch the rl stage as one process")
+        trackers = (list(cfg.logging.trackers) or None) if d.main else None
+        self.accelerator = Accelerator(log_with=trackers, project_dir=self.out) \
+            if not d.sharded or trackers else None
+        self.device = d.device if d.sharded else self.accelerator.device
 
         resume = resolve_checkpoint(self.out, cfg.resume_from) if cfg.resume_from else None
         # Full or LoRA: the Policy owns every difference (loading, resuming, the KL reference, saving).
+        # Rank 0 loads first: a `tiny:` model is built into output_dir on first load, once.
+        if not d.main:
+            barrier(d)
         self.policy = Policy.load(cfg, output_dir=self.out, resume=resume, engine=cfg.rollout.engine)
+        if d.sharded and d.main:
+            barrier(d)
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
         # The KL reference is the stage's starting policy (cfg.model, also after a resume), frozen.
         self.ref_model = self.policy.reference(cfg.model, self.out) if cfg.algorithm.beta > 0 else None
+        if d.sharded:  # before the MoE monitor reads the device and the optimizer sees the parameters
+            self.model = self.model.to(d.device)
+            if self.ref_model is not None:
+                self.ref_model = self._shard(self.ref_model.to(d.device))
         self.spec = LOSSES.get(cfg.algorithm.name)
         self.clip_low, self.clip_high = cfg.clip_range()
 
@@ -126,37 +173,61 @@ class GSPOTrainer:
 
         # Router controls (freeze / fp32) change which parameters train: before the optimizer exists.
         self.moe = MoEMonitor(self.model, cfg.moe)
+        if d.sharded:  # fully_shard replaces the parameters: the optimizer is built on the shards
+            self.model = self._shard(self.model)
+            self.policy.model = self.model
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.total_optimizer_steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.model, self.optimizer, self.scheduler)
+        if not d.sharded:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+                self.model, self.optimizer, self.scheduler)
 
         self.engine = build_engine(cfg.rollout, EngineInputs(
             self.policy.model_path, self.tokenizer, dtype=cfg.rollout_dtype, seed=cfg.seed,
             max_model_len=cfg.rollout.max_model_len or self._default_max_len(),
-            model=self.accelerator.unwrap_model(self.model),
-            max_num_seqs=cfg.rollout.prompts_per_step * cfg.rollout.group_size))
-        if self.policy.engine_needs_first_sync:
-            self.engine.update_weights(self.accelerator.unwrap_model(self.model))
+            model=self._unwrapped(),
+            max_num_seqs=cfg.rollout.prompts_per_step // d.world * cfg.rollout.group_size))
 
         self.rollout_idx, self.global_step = 0, 0
         self.saved_rollout = -1  # the rollout of the newest checkpoint on disk
         if resume:
-            state = load_training_state(resume, self.optimizer, self.scheduler)
+            if is_sharded_checkpoint(resume):  # written by N processes; DCP reshards it to this launch (any N)
+                state = load_distributed_checkpoint(resume, model=self._unwrapped(), scheduler=self.scheduler,
+                                                    optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
+            else:
+                state = load_training_state(resume, self.optimizer, self.scheduler)
             self.rollout_idx, self.global_step = state["rollout"], state["step"]
             self.saved_rollout = self.rollout_idx
             self.sampler.load_state_dict(state["sampler"])
             self.moe.load_state_dict(state.get("moe", {}))
             logger.info("resumed from %s at rollout %d (optimizer step %d)", resume, self.rollout_idx,
                         self.global_step)
+        if self.policy.engine_needs_first_sync:  # after the resume: a sharded checkpoint's weights load above
+            self.engine.update_weights(self._unwrapped())
         self.metrics = MetricsWriter(self.out, self.accelerator,
-                                     keep_until_rollout=self.rollout_idx if resume else None)
+                                     keep_until_rollout=self.rollout_idx if resume else None) if d.main else None
         # Rollouts generated when asked, or one ahead in the background (rollout.max_staleness=1).
         self.rollouts = RolloutProducer(self.engine, max_staleness=cfg.rollout.max_staleness,
                                         last_rollout=cfg.train.num_rollouts, draw=self._draw,
-                                        sampling=self._sampling, sampler_state=self.sampler.state_dict)
+                                        sampling=self._rollout_sampling, sampler_state=self.sampler.state_dict)
         self._trained = True  # whether the current rollout's update ran (what a failure checkpoint keeps)
         if trackers:
             self.accelerator.init_trackers(cfg.logging.project, config=cfg.to_dict())
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        from gspo.models.loading import torch_dtype_of
+
+        t = self.cfg.train
+        offload = t.fsdp_cpu_offload and self.device.type == "cuda"
+        if t.fsdp_cpu_offload and not offload:  # FSDP2's offload needs an accelerator to gather onto
+            logger.info("train.fsdp_cpu_offload: the shards already live in CPU memory on a CPU run; ignored")
+        shard_policy(model, cpu_offload=offload, param_dtype=torch_dtype_of(
+            t.fsdp_param_dtype, "train.fsdp_param_dtype") if t.fsdp_param_dtype else None)
+        init_root(model)  # the logprob passes call the decoder directly (gspo/training/fsdp.py)
+        return model
+
+    def _unwrapped(self) -> torch.nn.Module:
+        """The policy module itself (accelerate's wrapper removed on one process; FSDP2 shards in place)."""
+        return self.model if self.dist.sharded else self.accelerator.unwrap_model(self.model)
 
     def _default_max_len(self) -> int:
         # Every prompt is scanned once (a sample could miss the longest one, which vLLM would then reject
@@ -211,9 +282,15 @@ class GSPOTrainer:
                             top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + k)
 
     def _draw(self) -> tuple[list[dict[str, Any]], list[list[int]]]:
-        """The next B prompts from the sampler: their rows and token ids."""
+        """The next B prompts from the sampler (the same on every rank): all their rows, and the token ids of
+        this rank's slice (`_rollout_sampling` gives its first prompt's index)."""
         rows = [self.dataset.rows[i] for i in self.sampler.next_indices()]
-        return rows, [self._prompt_ids(r) for r in rows]
+        lo, hi = self.dist.share(len(rows))
+        return rows, [self._prompt_ids(r) for r in rows[lo:hi]]
+
+    def _rollout_sampling(self, rollout: int) -> SamplingSpec:
+        """Rollout `rollout`'s sampling for this rank's slice of prompts (first_prompt keeps the seeds)."""
+        return replace(self._sampling(rollout), first_prompt=self.dist.share(self.cfg.rollout.prompts_per_step)[0])
 
     def _logp(self, batch: RolloutBatch, rows: torch.Tensor | None = None, *, model: Any = None,
               prompt_len: int | None = None) -> torch.Tensor:
@@ -223,11 +300,12 @@ class GSPOTrainer:
         if rows is not None:
             idx = rows.tolist()
             prompt_ids, ids, mask = [prompt_ids[i] for i in idx], ids[idx], mask[idx]
-        return completion_logprobs(model or self.model, prompt_ids, ids.to(self.accelerator.device),
-                                   mask.to(self.accelerator.device), group_size=1,
-                                   pad_token_id=self.tokenizer.pad_token_id,
-                                   temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
-                                   top_p=self.cfg.rollout.top_p, prompt_len=prompt_len)
+        model = model or self.model
+        with root_unsharded(model):  # a no-op unless sharded
+            return completion_logprobs(model, prompt_ids, ids.to(self.device), mask.to(self.device),
+                                       group_size=1, pad_token_id=self.tokenizer.pad_token_id,
+                                       temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
+                                       top_p=self.cfg.rollout.top_p, prompt_len=prompt_len)
 
     def _trainer_state(self) -> Any:
         """What TRL-style rewards read from `trainer_state` (global_step, max_steps, epoch), plus the rollout."""
@@ -250,27 +328,41 @@ class GSPOTrainer:
         self._trained = False
 
         with timer("rollout"):  # drawn and generated now, or started during the previous rollout (async)
+            # Every rank draws the same B prompts (same seed) and samples its slice of whole prompts (`_draw`): a
+            # group is never split, and with per-prompt seeds (first_prompt) the ranks' completions are the rollout's.
             rows, batch, staleness = self.rollouts.take(self.rollout_idx)
+            lo, hi = self.dist.share(len(rows))
             if self.cfg.rollout.sleep_between_rollouts:  # free the engine's memory for the update (GPU)
                 self.engine.sleep()
 
         with timer("rewards"):
-            columns = {k: _repeat([r.get(k) for r in rows], g) for k in self.columns}
-            result = self.rewards(_repeat([r["prompt"] for r in rows], g),
-                                  self._completions_for_rewards(rows, batch),
+            mine = rows[lo:hi]
+            columns = {k: _repeat([r.get(k) for r in mine], g) for k in self.columns}
+            result = self.rewards(_repeat([r["prompt"] for r in mine], g),
+                                  self._completions_for_rewards(mine, batch),
                                   [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask)],
                                   columns, trainer_state=self._trainer_state())
+            rewards, reward_metrics = result.rewards, result.metrics
+            if self.dist.sharded:  # every rank gets the global batch: metrics and the update's rows
+                all_ids = [self._prompt_ids(r) for r in rows]  # the global batch's prompts, every rank's slice
+                batch, rewards, reward_metrics = self._gather_rollout(all_ids, batch, result)
 
-        with timer("advantages"):
-            adv = group_advantages(result.rewards, g, scale=self.spec.advantage, eps=self.cfg.algorithm.adv_eps)
+        with timer("advantages"):  # groups are whole on every rank: the global batch's exact advantages
+            adv = group_advantages(rewards, g, scale=self.spec.advantage, eps=self.cfg.algorithm.adv_eps)
 
-        data = RolloutData(batch, rows, result.rewards, adv)
-        with timer("old_logprobs"), self._inference(), self.moe.old_pass(data.layout_mask()):
-            data.old_logp = self._old_logprobs(data)
+        data = RolloutData(batch, rows, rewards, adv)
+        self._total = batch.num_completions
+        self._mine = list(range(lo * g, hi * g))  # this rank's completions (rows of the global batch)
+        own = torch.tensor(self._mine) if self.dist.sharded else None
+        with timer("old_logprobs"), self._inference(), \
+                self.moe.old_pass(data.layout_mask(own), gather=self._gather_records):
+            data.old_logp = self._old_logprobs(data, own)
         behaviour = self._behaviour_correction(data)
         if self.cfg.algorithm.beta > 0:
             with timer("ref_logprobs"), self._inference(), self._reference():
-                data.ref_logp = self._logp(batch, model=self.ref_model).float().cpu()
+                data.ref_logp = self._global_rows(
+                    self._logp(batch, own, model=self.ref_model, prompt_len=data.prompt_len).float().cpu()
+                    if own is not None else self._logp(batch, model=self.ref_model).float().cpu(), batch)
 
         with timer("update"):
             update_rows = self._update(data)
@@ -282,10 +374,10 @@ class GSPOTrainer:
         with timer("weight_sync"):
             if self.cfg.rollout.sleep_between_rollouts:
                 self.engine.wake_up()
-            self.engine.update_weights(self.accelerator.unwrap_model(self.model))
+            self.engine.update_weights(self._unwrapped())
             self.rollouts.after_weight_sync()
 
-        rollout_metrics = self._rollout_metrics(data, result.metrics)
+        rollout_metrics = self._rollout_metrics(data, reward_metrics)
         rollout_metrics["rollout/staleness"] = staleness
         rollout_metrics.update(behaviour)
         stats = getattr(self.engine, "last_sync_stats", None)
@@ -301,10 +393,49 @@ class GSPOTrainer:
         rows_out = []
         for r in update_rows:
             row = {"step": r.pop("step"), "rollout": self.rollout_idx, **r, **rollout_metrics}
-            self.metrics.write(row)
+            if self.metrics is not None:  # rank 0
+                self.metrics.write(row)
             rows_out.append(row)
-        self._maybe_write_samples(data)
+        if self.metrics is not None:
+            self._maybe_write_samples(data)
         return rows_out
+
+    # --- several processes: the global batch from every rank's slice ------------------------------------
+
+    def _global_rows(self, local: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
+        """This rank's rows of a per-completion tensor ([n_mine, ...]) -> the global batch's ([N, ...])."""
+        if not self.dist.sharded:
+            return local
+        return gather_rows(local, self._mine, batch.num_completions, self.dist)
+
+    def _gather_records(self, records: Any) -> Any:
+        """π_old's routing of this rank's rows -> the global batch's (moe/* over the global batch, replay)."""
+        if not self.dist.sharded:
+            return records
+        n = self._total
+
+        def full(ts: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if ts is None else [gather_rows(t, self._mine, n, self.dist) for t in ts]
+
+        return replace(records, indices=full(records.indices), router_indices=full(records.router_indices),
+                       entropy=full(records.entropy), mask=gather_rows(records.mask, self._mine, n, self.dist),
+                       logits=None)
+
+    def _gather_rollout(self, prompt_ids: list[list[int]], local: RolloutBatch,
+                        result: Any) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
+        """Every rank's completions and rewards, in prompt order: the batch a one-process run would have
+        sampled (ranks hold contiguous slices), the global rewards and reward metrics."""
+        parts = all_gather_objects({
+            "ids": [ids[m.bool()].tolist() for ids, m in zip(local.completion_ids, local.mask)],
+            "logp": None if local.logp is None else [lp[m.bool()].tolist() for lp, m in zip(local.logp, local.mask)],
+            "reasons": local.finish_reasons, "texts": local.completions, "rewards": result.rewards,
+            "per_function": result.per_function, "metrics": result.metrics}, self.dist)
+        cat = lambda key: [x for p in parts for x in p[key]]
+        logps = None if parts[0]["logp"] is None else cat("logp")
+        batch = assemble_batch(prompt_ids, cat("ids"), logps, cat("reasons"), cat("texts"),
+                               group_size=local.group_size, pad_token_id=self.engine.pad_token_id)
+        rewards = torch.cat([p["rewards"] for p in parts])
+        return batch, rewards, _global_reward_metrics(parts)
 
     @contextmanager
     def _inference(self) -> Iterator[None]:
@@ -324,15 +455,20 @@ class GSPOTrainer:
             return self.policy.reference_context(self.accelerator.unwrap_model(self.model))
         return nullcontext()
 
-    def _old_logprobs(self, data: RolloutData) -> torch.Tensor:
+    def _old_logprobs(self, data: RolloutData, own: torch.Tensor | None = None) -> torch.Tensor:
         """π_old's logp: the trainer's recompute, or the sampler's (rollout.old_logp_source=engine). With the
-        engine's, the trainer pass still runs when MoE needs π_old's routing (metrics, R2 replay)."""
+        engine's, the trainer pass still runs when MoE needs π_old's routing (metrics, R2 replay). `own`:
+        this rank's rows (several processes), computed here and gathered into the global batch's."""
         batch, engine = data.batch, self.cfg.rollout.old_logp_source == "engine"
         if engine and batch.logp is None:
             raise RuntimeError(f"rollout.old_logp_source=engine but engine {self.cfg.rollout.engine!r} returned "
                                "no logprobs")
         if not engine or self.moe.needs_old_routing:
-            data.trainer_logp = self._logp(batch).float().cpu()
+            if own is None:
+                data.trainer_logp = self._logp(batch).float().cpu()
+            else:
+                data.trainer_logp = self._global_rows(
+                    self._logp(batch, own, prompt_len=data.prompt_len).float().cpu(), batch)
         return batch.logp.float() if engine else data.trainer_logp
 
     def _behaviour_correction(self, data: RolloutData) -> dict[str, float]:
@@ -368,6 +504,9 @@ class GSPOTrainer:
         for epoch in range(a.num_epochs):
             perm = torch.randperm(n, generator=gen)
             for j, idx in enumerate(perm.chunk(k)):
+                if self.dist.sharded:
+                    out.append(self._sharded_minibatch(data, idx, epoch, j, opts))
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 # Replay (R2) and gradient checkpointing need backward inside the MoE context.
                 with self.moe.update_pass(idx, data.layout_mask(idx)) as moe_mb:
@@ -387,6 +526,54 @@ class GSPOTrainer:
                             "loss": float(loss_out.loss.detach()), "grad_norm": float(grad_norm),
                             "lr": self.scheduler.get_last_lr()[0], **loss_out.metrics, **moe_mb.metrics})
         return out
+
+    def _sharded_minibatch(self, data: RolloutData, idx: torch.Tensor, epoch: int, j: int,
+                           opts: dict[str, Any]) -> dict[str, Any]:
+        """One optimizer step of several processes on minibatch `idx` (rows of the global batch, the one-process
+        run's seeded partition): each rank's loss on its own rows of it, weighted by `shard_weight` so that the
+        averaged (reduce-scattered) gradient is the one-process gradient of the whole minibatch (LossSpec
+        normalizer: completions, tokens or rows). A rank with no row of it still runs forward and backward
+        (FSDP's collectives need every rank) on one row with weight 0. Loss and clip fractions are the loss
+        function's on the gathered global minibatch; the grad norm is FSDP's global norm."""
+        from gspo.algorithms import shard_weight
+
+        d, lo, hi = self.dist, self._mine[0], self._mine[-1] + 1
+        pos = [p for p, r in enumerate(idx.tolist()) if lo <= r < hi]  # this rank's rows, in minibatch order
+        rows = idx[pos] if pos else idx[:1]  # idx[:1]: a stand-in row, weighted 0
+        mask_all = data.batch.mask[idx]
+        w = shard_weight(self.spec.batch_count(data.batch.mask[idx[pos]]) if pos else 0.0,
+                         self.spec.batch_count(mask_all), d.world)
+        tokens = float(data.batch.mask[idx[pos]].sum()) if pos else 0.0
+        w_tok = shard_weight(tokens, float(mask_all.sum()), d.world)  # MoE auxiliary losses: token means
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.moe.update_pass(rows, data.layout_mask(rows)) as moe_mb:
+            logp = self._logp(data.batch, rows, prompt_len=data.prompt_len)
+            dev = logp.device
+            ref_logp = data.ref_logp[rows].to(dev) if data.ref_logp is not None else None
+            loss_out = self.spec.fn(logp, data.old_logp[rows].to(dev), data.adv[rows].to(dev),
+                                    data.batch.mask[rows].to(dev), clip_low=self.clip_low,
+                                    clip_high=self.clip_high, ref_logp=ref_logp, **opts)
+            (loss_out.loss * w + moe_mb.aux_loss() * w_tok).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        # The global minibatch's loss and clip statistics: the loss function on every rank's log-probs.
+        local = logp.detach().float().cpu()[: len(pos)]
+        full_logp = gather_rows(local, pos, len(idx), d)
+        with torch.no_grad():
+            ref = data.ref_logp[idx] if data.ref_logp is not None else None
+            glob = self.spec.fn(full_logp, data.old_logp[idx], data.adv[idx], mask_all, clip_low=self.clip_low,
+                                clip_high=self.clip_high, ref_logp=ref, **opts)
+        # MoE per-minibatch metrics (drift, aux terms): token-weighted means of the ranks' values; exact for
+        # the drift (a mean over the tokens of every layer), the aux-loss values are per-rank batch statistics.
+        keys = sorted(moe_mb.metrics)
+        sums = all_reduce([tokens * moe_mb.metrics[key] for key in keys] + [tokens], d)
+        moe_metrics = {key: v / sums[-1] if sums[-1] else 0.0 for key, v in zip(keys, sums)}
+        return {"step": self.global_step, "epoch": epoch, "minibatch": j, "loss": float(glob.loss),
+                "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], **glob.metrics,
+                **moe_metrics}
 
     def _rollout_metrics(self, data: RolloutData, reward_metrics: dict[str, float]) -> dict[str, Any]:
         g = self.cfg.rollout.group_size
@@ -434,6 +621,8 @@ class GSPOTrainer:
         sampler = self.rollouts.sampler_state_for_checkpoint(trained=True)
         state = {"rollout": self.rollout_idx, "step": self.global_step, "sampler": sampler,
                  "moe": self.moe.state_dict()}
+        if self.dist.sharded:
+            return self._save_sharded(state)
         return save_checkpoint(self.out, self.rollout_idx, model=self.accelerator.unwrap_model(self.model),
                                tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
                                trainer_state=state, keep=self.cfg.train.keep_checkpoints, lora_save=self.cfg.lora.save)
@@ -457,8 +646,8 @@ class GSPOTrainer:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
-        bar = tqdm(total=t.num_rollouts, initial=self.rollout_idx, disable=not self.cfg.logging.progress,
-                   desc="gspo", unit="rollout")
+        bar = tqdm(total=t.num_rollouts, initial=self.rollout_idx,
+                   disable=not (self.cfg.logging.progress and self.dist.main), desc="gspo", unit="rollout")
         try:
             while self.rollout_idx < t.num_rollouts:
                 rows = self.step()
@@ -473,10 +662,29 @@ class GSPOTrainer:
         if self.saved_rollout != self.rollout_idx:  # e.g. a run resumed at its end has nothing new to save
             self.save()
         final = os.path.join(self.out, "final")
-        save_final(self.accelerator.unwrap_model(self.model), self.tokenizer, final)
+        if self.dist.sharded:
+            self._save_final_sharded(final)
+        else:
+            save_final(self.accelerator.unwrap_model(self.model), self.tokenizer, final)
+        barrier(self.dist)  # before the engine closes: vLLM's shutdown tears down the default process group
         self.engine.close()
-        self.accelerator.end_training()
+        if self.accelerator is not None:
+            self.accelerator.end_training()
         return final
+
+    def _save_sharded(self, state: dict[str, Any]) -> str:
+        """Collective: a torch.distributed.checkpoint of the shards (any number of processes resumes it)."""
+        return save_distributed_checkpoint(self.out, self.rollout_idx, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, tokenizer=self.tokenizer,
+                                           trainer_state=state, keep=self.cfg.train.keep_checkpoints,
+                                           lora_save=self.cfg.lora.save)
+
+    def _save_final_sharded(self, final: str) -> None:
+        """Collective: final/ as one process writes it (a plain HF folder, LoRA merged, plus final_adapter/),
+        streamed by rank 0 one layer at a time."""
+        save_consolidated(self.model, self.tokenizer, final)
+        if self.policy.is_lora:
+            save_sharded_adapter(self.model, self.tokenizer, final + "_adapter")
 
 
 def run_rl(cfg: Any) -> str:
@@ -506,4 +714,4 @@ STAGES.register("rl", StageSpec(
     name="rl", runner=run_rl, help="GSPO (or a baseline loss) on the configured rewards",
     sections=("rollout", "algorithm", "optim", "train", "moe", "lora"), consumes=("policy",),
     produces="policy", output="final", needs_rewards=True, summary=_summary,
-    max_processes=1))  # one rollout engine and one writer: a multi-process launch is refused up front
+    max_processes=None))  # data parallel over any launch (FSDP2; see the module docstring)

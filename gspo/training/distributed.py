@@ -1,0 +1,113 @@
+"""Data parallelism of the rl stage: the process group, each rank's share of a rollout, and the collectives that
+turn per-rank results into global-batch ones.
+
+The process group is initialised here, not by accelerate: accelerate's own count misses torchrun on a machine
+without CUDA (gspo/launch.py), so `WORLD_SIZE` (what every launcher sets) decides. gloo on CPU; nccl on CUDA,
+one GPU per process (`LOCAL_RANK`).
+
+Gathering rows: every rank holds the global rollout's row layout (N completions, prompt-major) and computes
+some of its rows; `gather_rows` puts each rank's rows into a zero tensor of the global shape and sums over the
+ranks (all-reduce). A row belongs to exactly one rank, so the sum is that rank's values, bit for bit, for any
+dtype gloo and nccl can sum, and one collective serves ranks with different row counts (a minibatch's rows
+are split unevenly, possibly not at all, across ranks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gspo.launch import launch_processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the launch: `world` processes, this one `rank`, computing on `device`."""
+
+    world: int = 1
+    rank: int = 0
+    device: torch.device | None = None  # None: one process (accelerate picks the device)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, total: int) -> tuple[int, int]:
+        """[lo, hi) of `total` items (prompts) that this rank takes: contiguous, equal shares."""
+        if total % self.world:
+            raise ValueError(f"{total} prompts cannot be split evenly over {self.world} processes")
+        per = total // self.world
+        return self.rank * per, (self.rank + 1) * per
+
+
+def init_distributed() -> Dist:
+    """The process group of this launch (initialised here when the launcher started more than one process),
+    or `Dist()` for a single process."""
+    n, _ = launch_processes()
+    if n <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        # env:// rendezvous (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), which torchrun and accelerate set.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Dist(dist.get_world_size(), dist.get_rank(), device)
+
+
+def gather_rows(local: torch.Tensor, rows: list[int], total: int, d: Dist) -> torch.Tensor:
+    """[total, ...] tensor whose `rows` hold this rank's `local` [len(rows), ...] and whose other rows hold the
+    other ranks' (module docstring); on `local`'s device. One process: `local` scattered into zeros."""
+    import torch.distributed as dist
+
+    src = local.detach()
+    dtype = src.dtype
+    work = torch.uint8 if dtype == torch.bool else dtype
+    full = torch.zeros((total, *src.shape[1:]), dtype=work, device=d.device or src.device)
+    if rows:
+        full[torch.as_tensor(rows, dtype=torch.long, device=full.device)] = src.to(full.device, work)
+    if d.sharded:
+        dist.all_reduce(full)
+    return full.to(src.device, dtype)
+
+
+def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's `obj`, in rank order (picklable objects: texts, small CPU tensors)."""
+    if not d.sharded:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce(values: list[float], d: Dist, op: str = "sum") -> list[float]:
+    """Element-wise sum / max / min of a list of floats over the ranks (fp64)."""
+    if not d.sharded:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.sharded:
+        import torch.distributed as dist
+
+        dist.barrier()
