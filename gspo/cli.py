@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--rerun", action="store_true",
                     help="run a finished stage whose config changed again (and every stage after it)")
     pl.add_argument("--no-report", action="store_true", help="skip report.md and the plots at the end")
+    sv = command("serve", _serve, "run the config's rollout engine as a server (rollout.engine=vllm_server "
+                 "attaches to it with rollout.server_url)", overrides_help)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this host only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     command("eval", _eval, "pass@1 / pass@k of the config's model on its data and rewards", overrides_help)
     command("report", _report, "rebuild a pipeline run's report.md, plots and per-stage table").add_argument(
         "output_dir")
@@ -76,11 +80,11 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _preflight(cfg: Config) -> int:
+def _preflight(cfg: Config, skip: tuple[str, ...] = ()) -> int:
     """gspo.pipeline.preflight's checks: notes on stdout, one `error:` line per problem; EXIT_USAGE if any."""
     from gspo.pipeline.preflight import preflight
 
-    problems, notes = preflight(cfg)
+    problems, notes = preflight(cfg, skip=skip)
     for note in notes:
         print(f"note: {note}")
     for p in problems:
@@ -123,6 +127,48 @@ def _validate(args: argparse.Namespace) -> int:
         print("---")
         print(cfg.to_yaml(), end="")
     print("config OK")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`gspo serve CONFIG`: the engine the config's rl stage would sample with, in this process, over HTTP
+    (gspo/rollout/vllm_server.py). A tiny model is built in a temporary folder (the trainer pushes its own
+    weights before the first rollout, so the server's copy only has to share the architecture)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from gspo.data import build_dataset, prompt_token_ids
+    from gspo.models.loading import resolve_model_path
+    from gspo.rollout.server import serve
+
+    cfg = load_config(args.config, args.overrides)
+    problems = _preflight(cfg, skip=("rollout.server_url",))  # this command is what will answer there
+    if problems:
+        return problems
+    m, r = cfg.model, cfg.rollout
+    tiny = m.name_or_path.startswith("tiny:")
+    where = tempfile.mkdtemp(prefix="gspo-serve-") if tiny else cfg.output_dir
+    path = resolve_model_path(m.name_or_path, where, seed=cfg.seed, dtype=m.dtype, tiny=m.tiny)
+    tok_path = m.tokenizer or path
+    max_len = r.max_model_len
+    if max_len is None:  # as the trainer sizes it (gspo/training/trainer.py _default_max_len, without eval)
+        tok = AutoTokenizer.from_pretrained(tok_path)
+        rows = build_dataset(cfg.data, seed=cfg.seed).rows
+        max_len = max(len(prompt_token_ids(tok, x["prompt"], cfg.data.chat_template)) for x in rows) \
+            + r.max_new_tokens + 8
+    print(f"serving {m.name_or_path} ({cfg.rollout_dtype}, max_model_len {max_len}) on "
+          f"http://{args.host}:{args.port}; attach with rollout.engine=vllm_server "
+          f"rollout.server_url=http://{args.host}:{args.port}", flush=True)
+    try:
+        serve(path, tok_path, dtype=cfg.rollout_dtype, seed=cfg.seed, max_model_len=max_len,
+              max_num_seqs=r.prompts_per_step * r.group_size, host=args.host, port=args.port,
+              kv_cache_memory_bytes=r.kv_cache_memory_bytes, gpu_memory_utilization=r.gpu_memory_utilization,
+              enforce_eager=r.enforce_eager)
+    finally:
+        if tiny:  # the temporary folder this command made
+            shutil.rmtree(where, ignore_errors=True)
     return 0
 
 
@@ -371,8 +417,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gspo.models.finite import NonFiniteError
     from gspo.pipeline import PipelineError
     from gspo.rewards import RewardError, RewardLoadError
+    from gspo.rollout.vllm_server import RolloutServerError
 
-    return (OSError, RewardError, RewardLoadError, PipelineError, NonFiniteError)
+    return (OSError, RewardError, RewardLoadError, PipelineError, NonFiniteError, RolloutServerError)
 
 
 def describe_error(e: BaseException) -> str:

@@ -16,6 +16,7 @@ BUILTIN_MODULES = (
     "gspo.algorithms",  # LOSSES, ADVANTAGES, KL_ESTIMATORS
     "gspo.rollout.vllm_colocate",  # ROLLOUT_ENGINES["vllm_colocate"] (vllm imported lazily)
     "gspo.rollout.hf_generate",  # ROLLOUT_ENGINES["hf_generate"]
+    "gspo.rollout.vllm_server",  # ROLLOUT_ENGINES["vllm_server"] (the server is its own process)
     "gspo.data",  # TASKS
     "gspo.rewards",  # the reward contract and REWARDS
     "gspo_rewards",  # built-in reward functions (the repo's rewards/ folder)

@@ -102,8 +102,9 @@ class RolloutConfig(Section):
     """Sampling: B = prompts_per_step prompts, G = group_size completions each, N = B * G per rollout."""
 
     engine: str = field("vllm_colocate",
-        "Rollout engine (`gspo.registry.ROLLOUT_ENGINES`): `vllm_colocate` (in-process vLLM) or "
-        "`hf_generate` (transformers generate).")
+        "Rollout engine (`gspo.registry.ROLLOUT_ENGINES`): `vllm_colocate` (in-process vLLM), "
+        "`vllm_server` (vLLM in its own process, over HTTP: docs/rollout.md) or `hf_generate` (transformers "
+        "generate).")
     group_size: int = field(8, "G: completions per prompt (group advantages need G >= 2).", ge=2)
     prompts_per_step: int = field(8, "B: prompts per rollout.", ge=1)
     max_new_tokens: int = field(64, "Longest completion, in tokens.", ge=1)
@@ -132,6 +133,20 @@ class RolloutConfig(Section):
         "sampler's distribution after temperature, top-k and top-p.")
     sleep_between_rollouts: bool = field(False,
         "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU).")
+    max_staleness: int = field(0,
+        "Asynchronous rollouts: 0 = generate, then train (synchronous); 1 = the next rollout is generated "
+        "while the current one trains, with weights one update old (needs rollout.engine=vllm_server).",
+        ge=0, le=1)
+    server_url: str | None = field(None,
+        "vllm_server: URL of a running `gspo serve CONFIG` (e.g. http://127.0.0.1:8000); null = start one "
+        "(rollout.server_launch).")
+    server_launch: bool = field(False,
+        "vllm_server: `gspo train` starts the server on this host (and stops it at the end).")
+    server_port: int = field(0, "vllm_server: port of a started server; 0 = any free port.", ge=0, le=65535)
+    server_timeout: float = field(600.0,
+        "vllm_server: seconds one request (a rollout, a weight push) may take before the run stops with a "
+        "checkpoint.", gt=0)
+    server_start_timeout: float = field(900.0, "vllm_server: seconds a started server may take to load.", gt=0)
     hf_batch_prompts: int = field(0,
         "hf_generate: prompts per generate call; 0 = all of a process's prompts in one call. One sampler "
         "draws for a whole call, so only 1 (each prompt its own seeded call, as vLLM samples) gives a "
@@ -162,6 +177,12 @@ class AlgorithmConfig(Section):
     adv_eps: float = field(1e-4,
         "Added to the group's reward std before dividing (GSPO Eq. 6); 1e-4 is TRL GRPOTrainer's constant, "
         "so advantages equal TRL's for the same rewards.", gt=0)
+    tis_cap: float | None = field(None,
+        "Truncated importance sampling against the engine's sampler mu: each sequence's advantage is weighted "
+        "by min(exp(s_i), tis_cap), s_i = mean_t(log pi_old - log mu) (docs/rollout.md); null = off. Needs the "
+        "engine's logprobs and rollout.old_logp_source=trainer.", gt=0)
+    tis_mask_bound: float | None = field(None,
+        "Drop (zero the advantage of) sequences with |s_i| > this bound (docs/rollout.md); null = off.", ge=0)
     max_log_ratio: float = field(10.0,
         "Bound on |log ratio| before exponentiating, so one sequence cannot turn the batch into NaN.", gt=0)
 
@@ -616,6 +637,15 @@ def check_config(cfg: Config) -> list[ConfigError]:
                     "to 1: the paper uses 3e-4 / 4e-4 (section 5.1), and a clip >= 0.01 almost never fires. "
                     "Set algorithm.allow_wide_clip: true to keep it")
     _resolve(registry.ROLLOUT_ENGINES, r.engine, "rollout.engine", errors)
+    if r.max_staleness > 0 and r.engine != "vllm_server":
+        err("rollout.max_staleness", f"asynchronous rollouts need a server to generate while the trainer trains; "
+            f"rollout.engine={r.engine!r} shares the trainer's device: set rollout.engine=vllm_server")
+    if r.engine == "vllm_server" and r.server_url is None and not r.server_launch:
+        err("rollout.server_url", "rollout.engine=vllm_server needs a running server's URL (`gspo serve CONFIG`) "
+            "or rollout.server_launch: true")
+    if (a.tis_cap is not None or a.tis_mask_bound is not None) and r.old_logp_source != "trainer":
+        err("algorithm.tis_cap", "the behaviour correction compares the engine's logprobs with the trainer's "
+            "pi_old recompute: it needs rollout.old_logp_source=trainer")
     task = _resolve(registry.TASKS, d.task, "data.task", errors) if d.task is not None else None
     if task is not None:
         try:

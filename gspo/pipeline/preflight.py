@@ -79,6 +79,20 @@ def _resume_problem(cfg: Config) -> ConfigError | None:
     return None
 
 
+def _server_problem(url: str) -> str | None:
+    """Why the rollout server at `url` cannot be used (nothing answers /health within 10 s), or None."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as resp:
+            json.loads(resp.read())["server_id"]
+    except (OSError, ValueError, KeyError) as e:
+        return (f"no rollout server answers at {url} ({getattr(e, 'reason', e)}); start one with "
+                "`gspo serve CONFIG`, or set rollout.server_launch: true and leave server_url unset")
+    return None
+
+
 def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = ()
               ) -> tuple[list[ConfigError], list[str]]:
     """Problems and notes (see the module docstring). `output_dir=False` leaves the folder checks to a caller
@@ -121,6 +135,11 @@ def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = (
             RewardSet.from_specs(specs, columns=columns, base_dir=base_dir)
         except RewardLoadError as e:
             problems.append(ConfigError(f"rewards: {e}", "rewards"))
+    ro = cfg.rollout
+    if cfg.stage == "rl" and ro.engine == "vllm_server" and ro.server_url and "rollout.server_url" not in skip:
+        p = _server_problem(ro.server_url)
+        if p:
+            problems.append(ConfigError(f"rollout.server_url: {p}", "rollout.server_url"))
     if output_dir and launch_rank() == 0:  # rank 0 claims the folder; the others would race it
         problem = check_output_dir(cfg.output_dir, resume=cfg.resume_from is not None, overwrite=cfg.overwrite)
         if problem:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gspo.registry import ROLLOUT_ENGINES
-from gspo.rollout import hf_generate, vllm_colocate  # registers the built-in engines
+from gspo.rollout import hf_generate, vllm_colocate, vllm_server  # registers the built-in engines
 from gspo.rollout.base import EngineInputs, RolloutBatch, RolloutEngine, SamplingSpec
 
 

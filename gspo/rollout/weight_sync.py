@@ -366,7 +366,25 @@ def sync_weights(llm: Any, model: torch.nn.Module, direct: bool | None = None) -
         stats.seconds = time.perf_counter() - start
         stats.path, stats.tensors, stats.bytes, stats.buckets = "direct", report["tensors"], report["bytes"], 1
         return stats
-    llm.collective_rpc(_reload_in_worker, args=(_counted(checkpoint_buckets(model), stats), report))
+    reload_checkpoint_buckets(llm, checkpoint_buckets(model), stats, start)
+    if direct is None and DIRECT_COPY:
+        check: dict[str, Any] = {}
+        llm.collective_rpc(_verify_direct_in_worker, args=(memory_state(model), check))
+        stats.direct_refused = check.get("refused", "not checked")
+    else:
+        stats.direct_refused = "off"
+    return stats
+
+
+def reload_checkpoint_buckets(llm: Any, buckets: Iterable[dict[str, torch.Tensor]], stats: SyncStats | None = None,
+                              start: float | None = None) -> SyncStats:
+    """Reload checkpoint-format `buckets` (in layer order) into the in-process engine `llm` through vLLM's
+    `reload_weights`; raise `StaleWeightsError` if any engine parameter got nothing. Shared by the colocated
+    sync and the rollout server (`gspo.rollout.vllm_server`), which receives the buckets from the trainer."""
+    stats = stats if stats is not None else SyncStats()
+    start = time.perf_counter() if start is None else start
+    report: dict[str, Any] = {}
+    llm.collective_rpc(_reload_in_worker, args=(_counted(buckets, stats), report))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     stats.seconds = time.perf_counter() - start
@@ -384,10 +402,5 @@ def sync_weights(llm: Any, model: torch.nn.Module, direct: bool | None = None) -
             logger.warning("vLLM reload: %s", msg)
         else:
             stats.explained.append(msg)
-    if direct is None and DIRECT_COPY:
-        check: dict[str, Any] = {}
-        llm.collective_rpc(_verify_direct_in_worker, args=(memory_state(model), check))
-        stats.direct_refused = check.get("refused", "not checked")
-    else:
-        stats.direct_refused = "off"
+    stats.direct_refused = "off"
     return stats

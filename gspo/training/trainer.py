@@ -36,12 +36,14 @@ from typing import Any
 import torch
 
 from gspo.algorithms import group_advantages, group_reward_stats
+from gspo.algorithms.behaviour import behaviour_correction
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
 from gspo.models.policy import Policy, is_sharded_checkpoint, save_final
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
 from gspo.rollout import EngineInputs, build_engine
 from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch
+from gspo.rollout.vllm_server import RolloutServerError
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.dist_checkpoint import (
     load_distributed_checkpoint,
@@ -63,6 +65,7 @@ from gspo.training.logprobs import completion_logprobs
 from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary
 from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
 from gspo.training.optim import build_optimizer
+from gspo.training.rollout_producer import RolloutProducer
 from gspo.training.summary import sampling_line
 
 logger = logging.getLogger("gspo.trainer")
@@ -128,6 +131,9 @@ class GSPOTrainer:
         # layer, `shard_policy`); accelerate is kept for one process, whose numbers must not change.
         self.dist: Dist = init_distributed()
         d = self.dist
+        if d.world > 1 and cfg.rollout.engine == "vllm_server":  # one server and one pusher per run for now
+            raise RuntimeError(f"rollout.engine=vllm_server runs with one trainer process; this launch started "
+                               f"{d.world}: launch one process, or use rollout.engine=vllm_colocate")
         if not d.main:  # progress, logs and files come from rank 0 only
             logging.getLogger("gspo").setLevel(logging.WARNING)
         barrier(d)  # rank 0 claimed the output folder (gspo.cli) before anyone writes into it
@@ -200,6 +206,11 @@ class GSPOTrainer:
             self.engine.update_weights(self._unwrapped())
         self.metrics = MetricsWriter(self.out, self.accelerator,
                                      keep_until_rollout=self.rollout_idx if resume else None) if d.main else None
+        # Rollouts generated when asked, or one ahead in the background (rollout.max_staleness=1).
+        self.rollouts = RolloutProducer(self.engine, max_staleness=cfg.rollout.max_staleness,
+                                        last_rollout=cfg.train.num_rollouts, draw=self._draw,
+                                        sampling=self._rollout_sampling, sampler_state=self.sampler.state_dict)
+        self._trained = True  # whether the current rollout's update ran (what a failure checkpoint keeps)
         if trackers:
             self.accelerator.init_trackers(cfg.logging.project, config=cfg.to_dict())
 
@@ -265,10 +276,22 @@ class GSPOTrainer:
     def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
         return prompt_token_ids(self.tokenizer, row["prompt"], self.cfg.data.chat_template)
 
-    def _sampling(self) -> SamplingSpec:
+    def _sampling(self, rollout: int | None = None) -> SamplingSpec:
         r = self.cfg.rollout
+        k = self.rollout_idx if rollout is None else rollout
         return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                            top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + self.rollout_idx)
+                            top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + k)
+
+    def _draw(self) -> tuple[list[dict[str, Any]], list[list[int]]]:
+        """The next B prompts from the sampler (the same on every rank): all their rows, and the token ids of
+        this rank's slice (`_rollout_sampling` gives its first prompt's index)."""
+        rows = [self.dataset.rows[i] for i in self.sampler.next_indices()]
+        lo, hi = self.dist.share(len(rows))
+        return rows, [self._prompt_ids(r) for r in rows[lo:hi]]
+
+    def _rollout_sampling(self, rollout: int) -> SamplingSpec:
+        """Rollout `rollout`'s sampling for this rank's slice of prompts (first_prompt keeps the seeds)."""
+        return replace(self._sampling(rollout), first_prompt=self.dist.share(self.cfg.rollout.prompts_per_step)[0])
 
     def _logp(self, batch: RolloutBatch, rows: torch.Tensor | None = None, *, model: Any = None,
               prompt_len: int | None = None) -> torch.Tensor:
@@ -303,16 +326,15 @@ class GSPOTrainer:
         g = self.cfg.rollout.group_size
         timer = HopTimer()
         self.rollout_idx += 1
+        self._trained = False
 
-        with timer("prompts"):
-            # Every rank draws the same B prompts (same seed) and takes its slice of whole prompts: a group is
-            # never split, and with per-prompt seeds (first_prompt) the ranks' completions are the rollout's.
-            rows = [self.dataset.rows[i] for i in self.sampler.next_indices()]
-            prompt_ids = [self._prompt_ids(r) for r in rows]
+        # Drawn and generated now, or started during the previous rollout (async); at_rollout: the HF engine's
+        # logits guard raises without knowing the rollout.
+        with timer("rollout"), at_rollout(self.rollout_idx):
+            # Every rank draws the same B prompts (same seed) and samples its slice of whole prompts (`_draw`): a
+            # group is never split, and with per-prompt seeds (first_prompt) the ranks' completions are the rollout's.
+            rows, batch, staleness = self.rollouts.take(self.rollout_idx)
             lo, hi = self.dist.share(len(rows))
-
-        with timer("rollout"), at_rollout(self.rollout_idx):  # the HF engine's logits guard knows no rollout
-            batch = self.engine.generate(prompt_ids[lo:hi], replace(self._sampling(), first_prompt=lo))
             if self.cfg.rollout.sleep_between_rollouts:  # free the engine's memory for the update (GPU)
                 self.engine.sleep()
 
@@ -325,7 +347,8 @@ class GSPOTrainer:
                                   columns, trainer_state=self._trainer_state())
             rewards, reward_metrics = result.rewards, result.metrics
             if self.dist.sharded:  # every rank gets the global batch: metrics and the update's rows
-                batch, rewards, reward_metrics = self._gather_rollout(prompt_ids, batch, result)
+                all_ids = [self._prompt_ids(r) for r in rows]  # the global batch's prompts, every rank's slice
+                batch, rewards, reward_metrics = self._gather_rollout(all_ids, batch, result)
 
         with timer("advantages"):  # groups are whole on every rank: the global batch's exact advantages
             adv = group_advantages(rewards, g, scale=self.spec.advantage, eps=self.cfg.algorithm.adv_eps)
@@ -338,6 +361,7 @@ class GSPOTrainer:
                 self.moe.old_pass(data.layout_mask(own), gather=self._gather_records):
             data.old_logp = self._old_logprobs(data, own)
             check_logprobs(data.old_logp, data.batch.mask, self.rollout_idx)
+        behaviour = self._behaviour_correction(data)
         if self.cfg.algorithm.beta > 0:
             with timer("ref_logprobs"), self._inference(), self._reference():
                 data.ref_logp = self._global_rows(
@@ -347,17 +371,25 @@ class GSPOTrainer:
 
         with timer("update"):
             update_rows = self._update(data)
+        self._trained = True
 
+        if self.rollouts.pending is not None:
+            with timer("rollout_wait"):  # the next rollout's generation must end before the push (async)
+                self.rollouts.before_weight_sync()
         with timer("weight_sync"):
             if self.cfg.rollout.sleep_between_rollouts:
                 self.engine.wake_up()
             check_parameters(self.model, self.rollout_idx, "weight_sync")  # the engine never samples NaN weights
             self.engine.update_weights(self._unwrapped())
+            self.rollouts.after_weight_sync()
 
         rollout_metrics = self._rollout_metrics(data, reward_metrics)
+        rollout_metrics["rollout/staleness"] = staleness
+        rollout_metrics.update(behaviour)
         stats = getattr(self.engine, "last_sync_stats", None)
         if stats is not None:  # vLLM: the sync's cost (s, GB, GB/s) next to the hop timings
             rollout_metrics.update(stats.metrics())
+            rollout_metrics.update(getattr(self.engine, "last_push", {}))
         if self.eval_cfg is not None and self.rollout_idx % self.cfg.train.eval_every == 0:
             with timer("eval"):  # after the weight sync: the engine samples the updated policy
                 rollout_metrics.update(self.evaluate())
@@ -444,6 +476,25 @@ class GSPOTrainer:
                 data.trainer_logp = self._global_rows(
                     self._logp(batch, own, prompt_len=data.prompt_len).float().cpu(), batch)
         return batch.logp.float() if engine else data.trainer_logp
+
+    def _behaviour_correction(self, data: RolloutData) -> dict[str, float]:
+        """algorithm.tis_cap / tis_mask_bound: weight each sequence's advantage by w_i * m_i against the engine's
+        sampler (gspo/algorithms/behaviour.py, docs/rollout.md); the mismatch metrics also whenever rollouts
+        may be stale (max_staleness > 0). Returns the metrics ({} when neither applies)."""
+        a, b = self.cfg.algorithm, data.batch
+        correct = a.tis_cap is not None or a.tis_mask_bound is not None
+        if not correct and self.cfg.rollout.max_staleness == 0:
+            return {}
+        if b.logp is None or data.trainer_logp is None:
+            if correct:
+                raise RuntimeError("algorithm.tis_cap / tis_mask_bound need the engine's logprobs and the "
+                                   "trainer's pi_old recompute (rollout.old_logp_source=trainer)")
+            return {}
+        c = behaviour_correction(data.trainer_logp, b.logp, b.mask, cap=a.tis_cap, bound=a.tis_mask_bound)
+        if correct:
+            data.adv = data.adv * c.factor.to(data.adv.dtype)
+            return c.metrics
+        return {k: v for k, v in c.metrics.items() if k.startswith("mismatch/")}
 
     def _update(self, data: RolloutData) -> list[dict[str, Any]]:
         """k minibatch updates per epoch over the rollout (GSPO paper §5.1: 4 minibatches)."""
@@ -575,13 +626,29 @@ class GSPOTrainer:
 
     def save(self) -> str:
         self.saved_rollout = self.rollout_idx
-        state = {"rollout": self.rollout_idx, "step": self.global_step, "sampler": self.sampler.state_dict(),
+        # The sampler before any prompts drawn for a rollout not yet trained on (async: the one generating).
+        sampler = self.rollouts.sampler_state_for_checkpoint(trained=True)
+        state = {"rollout": self.rollout_idx, "step": self.global_step, "sampler": sampler,
                  "moe": self.moe.state_dict()}
         if self.dist.sharded:
             return self._save_sharded(state)
         return save_checkpoint(self.out, self.rollout_idx, model=self.accelerator.unwrap_model(self.model),
                                tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
                                trainer_state=state, keep=self.cfg.train.keep_checkpoints, lora_save=self.cfg.lora.save)
+
+    def _save_after_server_failure(self) -> str:
+        """A checkpoint of the last rollout whose update ran; prompts drawn for rollouts not trained on are
+        drawn again after the resume (gspo/training/rollout_producer.py). Stops a server this run started."""
+        state = self.rollouts.sampler_state_for_checkpoint(trained=self._trained)
+        self.rollouts.close()
+        if not self._trained:
+            self.rollout_idx -= 1
+        self.sampler.load_state_dict(state)
+        self.engine.close()
+        if self.rollout_idx == 0:
+            return "no rollout was trained on: nothing to resume"
+        self.save()
+        return f"checkpoint saved at rollout {self.rollout_idx}"
 
     def train(self) -> str:
         """Run until train.num_rollouts; returns the final checkpoint's model directory."""
@@ -590,13 +657,17 @@ class GSPOTrainer:
         t = self.cfg.train
         bar = tqdm(total=t.num_rollouts, initial=self.rollout_idx,
                    disable=not (self.cfg.logging.progress and self.dist.main), desc="gspo", unit="rollout")
-        while self.rollout_idx < t.num_rollouts:
-            rows = self.step()
-            bar.update(1)
-            bar.set_postfix_str(format_summary(rows[-1]))
-            if t.save_every and self.rollout_idx % t.save_every == 0:
-                self.save()
+        try:
+            while self.rollout_idx < t.num_rollouts:
+                rows = self.step()
+                bar.update(1)
+                bar.set_postfix_str(format_summary(rows[-1]))
+                if t.save_every and self.rollout_idx % t.save_every == 0:
+                    self.save()
+        except RolloutServerError as e:
+            raise RolloutServerError(f"{e}; {self._save_after_server_failure()}") from None
         bar.close()
+        self.rollouts.close()
         if self.saved_rollout != self.rollout_idx:  # e.g. a run resumed at its end has nothing new to save
             self.save()
         final = os.path.join(self.out, "final")
