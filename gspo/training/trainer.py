@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -42,80 +42,33 @@ from gspo.models.policy import Policy, is_sharded_checkpoint, save_final
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
 from gspo.rollout import EngineInputs, build_engine
-from gspo.rollout.base import RolloutBatch, SamplingSpec, assemble_batch
+from gspo.rollout.base import RolloutBatch, SamplingSpec
 from gspo.rollout.vllm_server import RolloutServerError
 from gspo.training.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from gspo.training.dist_checkpoint import (
     load_distributed_checkpoint,
-    save_consolidated,
-    save_distributed_checkpoint,
-    save_sharded_adapter,
 )
 from gspo.training.distributed import (
     Dist,
-    all_gather_objects,
-    all_reduce,
     barrier,
-    gather_rows,
     init_distributed,
 )
 from gspo.training.finite import at_rollout, check_gradients, check_logprobs, check_parameters
-from gspo.training.fsdp import init_root, root_unsharded, shard_policy
+from gspo.training.fsdp import root_unsharded
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary
-from gspo.training.moe_monitor import MoEMonitor, completion_layout_mask
+from gspo.training.moe_monitor import MoEMonitor
 from gspo.training.optim import build_optimizer
+from gspo.training.periodic_eval import PeriodicEval
+from gspo.training.rollout_data import RolloutData, repeat_each
 from gspo.training.rollout_producer import RolloutProducer
+from gspo.training.sharded_steps import ShardedSteps
 from gspo.training.summary import sampling_line
 
 logger = logging.getLogger("gspo.trainer")
 
 
-@dataclass
-class RolloutData:
-    """Everything the update hops need from one rollout (N completions)."""
-
-    batch: RolloutBatch
-    rows: list[dict[str, Any]]  # B dataset rows
-    rewards: torch.Tensor  # [N]
-    adv: torch.Tensor  # [N]
-    old_logp: torch.Tensor | None = None  # [N, T]
-    ref_logp: torch.Tensor | None = None  # [N, T], only when algorithm.beta > 0
-    trainer_logp: torch.Tensor | None = None  # [N, T], the trainer's π_old pass, when it ran
-
-    @property
-    def prompt_len(self) -> int:
-        """Every logprob pass of this rollout pads prompts to this length: one token layout for all passes."""
-        return max(len(p) for p in self.batch.prompt_ids)
-
-    def layout_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Completion tokens in that layout, [rows, P + T] (what MoE routing statistics count)."""
-        mask = self.batch.mask if rows is None else self.batch.mask[rows]
-        return completion_layout_mask(mask, self.prompt_len)
-
-
-def _repeat(values: list[Any], g: int) -> list[Any]:
-    return [v for v in values for _ in range(g)]
-
-
-def _global_reward_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
-    """rewards/<name>/* over the global batch from every rank's RewardSet result: mean, std and abstain rate
-    recomputed on the gathered values (as gspo/rewards.py computes them), errors summed; what a function
-    logged itself (`log_metric`) is the mean of the ranks' values."""
-    out: dict[str, float] = {}
-    for key in parts[0]["metrics"]:
-        vals = [p["metrics"][key] for p in parts if key in p["metrics"]]
-        out[key] = sum(vals) if key.endswith("/errors") else sum(vals) / len(vals)
-    for name in parts[0]["per_function"]:
-        t = torch.cat([p["per_function"][name] for p in parts])
-        present = t[~torch.isnan(t)]
-        out[f"rewards/{name}/mean"] = present.mean().item() if present.numel() else float("nan")
-        out[f"rewards/{name}/std"] = present.std(unbiased=False).item() if present.numel() else float("nan")
-        out[f"rewards/{name}/abstain_rate"] = (1.0 - present.numel() / t.numel()) if t.numel() else 0.0
-    return out
-
-
-class GSPOTrainer:
+class GSPOTrainer(ShardedSteps, PeriodicEval):
     """The `rl` stage's loop: owns the policy (full or LoRA), its optimizer, the rollout engine, the reward set
     and the MoE monitor; `train()` runs `train.num_rollouts` calls of `step()` with checkpoints and returns
     the path of the final model. Built from a checked `Config` (everything it needs is in it)."""
@@ -214,18 +167,6 @@ class GSPOTrainer:
         if trackers:
             self.accelerator.init_trackers(cfg.logging.project, config=cfg.to_dict())
 
-    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        from gspo.models.loading import torch_dtype_of
-
-        t = self.cfg.train
-        offload = t.fsdp_cpu_offload and self.device.type == "cuda"
-        if t.fsdp_cpu_offload and not offload:  # FSDP2's offload needs an accelerator to gather onto
-            logger.info("train.fsdp_cpu_offload: the shards already live in CPU memory on a CPU run; ignored")
-        shard_policy(model, cpu_offload=offload, param_dtype=torch_dtype_of(
-            t.fsdp_param_dtype, "train.fsdp_param_dtype") if t.fsdp_param_dtype else None)
-        init_root(model)  # the logprob passes call the decoder directly (gspo/training/fsdp.py)
-        return model
-
     def _unwrapped(self) -> torch.nn.Module:
         """The policy module itself (accelerate's wrapper removed on one process; FSDP2 shards in place)."""
         return self.model if self.dist.sharded else self.accelerator.unwrap_model(self.model)
@@ -240,36 +181,6 @@ class GSPOTrainer:
             need = max(need, max(len(prompt_token_ids(self.tokenizer, r["prompt"], ev.data.chat_template))
                                  for r in self.eval_rows) + ev.rollout.max_new_tokens)
         return need + 8
-
-    # --- periodic evaluation (train.eval_every) ---------------------------------------------------------
-
-    def _init_eval(self) -> None:
-        """The eval config (train.eval_config, else this run's own), its prompts and its rewards, loaded once."""
-        self.eval_cfg = None
-        t = self.cfg.train
-        if not t.eval_every:
-            return
-        from gspo.config import load_config
-        from gspo.training.evaluation import eval_rows
-
-        ev = load_config(t.eval_config) if t.eval_config else self.cfg
-        self.eval_cfg, self.eval_rows = ev, eval_rows(ev)
-        columns = sorted({c for r in self.eval_rows for c in r if c != "prompt"})
-        base = os.path.dirname(os.path.abspath(ev.source_path)) if ev.source_path else None
-        self.eval_rewards = RewardSet.from_specs(ev.rewards, columns=columns, base_dir=base)
-
-    def evaluate(self) -> dict[str, float]:
-        """pass@k and mean rewards of the current policy (the engine holds its weights after the sync),
-        as `eval/<key>`; the same numbers as `gspo eval` (gspo.training.evaluation.summarize)."""
-        from gspo.training.evaluation import sample_and_score, summarize
-
-        ev = self.eval_cfg
-        scored = sample_and_score(ev, self.eval_rows, model_path=None, tokenizer=self.tokenizer,
-                                  n=ev.eval.num_samples, seed=ev.eval.seed, engine=self.engine,
-                                  rewards=self.eval_rewards)
-        settings = ("num_prompts", "num_samples", "pass_threshold")
-        return {f"eval/{k}": float(v) for k, v in summarize(ev, scored).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in settings}
 
     # --- hop helpers ------------------------------------------------------------------------------------
 
@@ -297,7 +208,7 @@ class GSPOTrainer:
               prompt_len: int | None = None) -> torch.Tensor:
         """Trainer log-probs of the batch's completion tokens (all rows, or the given row indices)."""
         ids, mask = batch.completion_ids, batch.mask
-        prompt_ids = _repeat(batch.prompt_ids, batch.group_size)
+        prompt_ids = repeat_each(batch.prompt_ids, batch.group_size)
         if rows is not None:
             idx = rows.tolist()
             prompt_ids, ids, mask = [prompt_ids[i] for i in idx], ids[idx], mask[idx]
@@ -340,8 +251,8 @@ class GSPOTrainer:
 
         with timer("rewards"):
             mine = rows[lo:hi]
-            columns = {k: _repeat([r.get(k) for r in mine], g) for k in self.columns}
-            result = self.rewards(_repeat([r["prompt"] for r in mine], g),
+            columns = {k: repeat_each([r.get(k) for r in mine], g) for k in self.columns}
+            result = self.rewards(repeat_each([r["prompt"] for r in mine], g),
                                   self._completions_for_rewards(mine, batch),
                                   [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask)],
                                   columns, trainer_state=self._trainer_state())
@@ -405,43 +316,6 @@ class GSPOTrainer:
         if self.metrics is not None:
             self._maybe_write_samples(data)
         return rows_out
-
-    # --- several processes: the global batch from every rank's slice ------------------------------------
-
-    def _global_rows(self, local: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
-        """This rank's rows of a per-completion tensor ([n_mine, ...]) -> the global batch's ([N, ...])."""
-        if not self.dist.sharded:
-            return local
-        return gather_rows(local, self._mine, batch.num_completions, self.dist)
-
-    def _gather_records(self, records: Any) -> Any:
-        """π_old's routing of this rank's rows -> the global batch's (moe/* over the global batch, replay)."""
-        if not self.dist.sharded:
-            return records
-        n = self._total
-
-        def full(ts: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-            return None if ts is None else [gather_rows(t, self._mine, n, self.dist) for t in ts]
-
-        return replace(records, indices=full(records.indices), router_indices=full(records.router_indices),
-                       entropy=full(records.entropy), mask=gather_rows(records.mask, self._mine, n, self.dist),
-                       logits=None)
-
-    def _gather_rollout(self, prompt_ids: list[list[int]], local: RolloutBatch,
-                        result: Any) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
-        """Every rank's completions and rewards, in prompt order: the batch a one-process run would have
-        sampled (ranks hold contiguous slices), the global rewards and reward metrics."""
-        parts = all_gather_objects({
-            "ids": [ids[m.bool()].tolist() for ids, m in zip(local.completion_ids, local.mask)],
-            "logp": None if local.logp is None else [lp[m.bool()].tolist() for lp, m in zip(local.logp, local.mask)],
-            "reasons": local.finish_reasons, "texts": local.completions, "rewards": result.rewards,
-            "per_function": result.per_function, "metrics": result.metrics}, self.dist)
-        cat = lambda key: [x for p in parts for x in p[key]]
-        logps = None if parts[0]["logp"] is None else cat("logp")
-        batch = assemble_batch(prompt_ids, cat("ids"), logps, cat("reasons"), cat("texts"),
-                               group_size=local.group_size, pad_token_id=self.engine.pad_token_id)
-        rewards = torch.cat([p["rewards"] for p in parts])
-        return batch, rewards, _global_reward_metrics(parts)
 
     @contextmanager
     def _inference(self) -> Iterator[None]:
@@ -534,55 +408,6 @@ class GSPOTrainer:
                             "loss": float(loss_out.loss.detach()), "grad_norm": float(grad_norm),
                             "lr": self.scheduler.get_last_lr()[0], **loss_out.metrics, **moe_mb.metrics})
         return out
-
-    def _sharded_minibatch(self, data: RolloutData, idx: torch.Tensor, epoch: int, j: int,
-                           opts: dict[str, Any]) -> dict[str, Any]:
-        """One optimizer step of several processes on minibatch `idx` (rows of the global batch, the one-process
-        run's seeded partition): each rank's loss on its own rows of it, weighted by `shard_weight` so that the
-        averaged (reduce-scattered) gradient is the one-process gradient of the whole minibatch (LossSpec
-        normalizer: completions, tokens or rows). A rank with no row of it still runs forward and backward
-        (FSDP's collectives need every rank) on one row with weight 0. Loss and clip fractions are the loss
-        function's on the gathered global minibatch; the grad norm is FSDP's global norm."""
-        from gspo.algorithms import shard_weight
-
-        d, lo, hi = self.dist, self._mine[0], self._mine[-1] + 1
-        pos = [p for p, r in enumerate(idx.tolist()) if lo <= r < hi]  # this rank's rows, in minibatch order
-        rows = idx[pos] if pos else idx[:1]  # idx[:1]: a stand-in row, weighted 0
-        mask_all = data.batch.mask[idx]
-        w = shard_weight(self.spec.batch_count(data.batch.mask[idx[pos]]) if pos else 0.0,
-                         self.spec.batch_count(mask_all), d.world)
-        tokens = float(data.batch.mask[idx[pos]].sum()) if pos else 0.0
-        w_tok = shard_weight(tokens, float(mask_all.sum()), d.world)  # MoE auxiliary losses: token means
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.moe.update_pass(rows, data.layout_mask(rows)) as moe_mb:
-            logp = self._logp(data.batch, rows, prompt_len=data.prompt_len)
-            dev = logp.device
-            ref_logp = data.ref_logp[rows].to(dev) if data.ref_logp is not None else None
-            loss_out = self.spec.fn(logp, data.old_logp[rows].to(dev), data.adv[rows].to(dev),
-                                    data.batch.mask[rows].to(dev), clip_low=self.clip_low,
-                                    clip_high=self.clip_high, ref_logp=ref_logp, **opts)
-            (loss_out.loss * w + moe_mb.aux_loss() * w_tok).backward()
-        check_gradients(self.model, self.rollout_idx)  # collective: every rank checks at this point
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.global_step += 1
-        # The global minibatch's loss and clip statistics: the loss function on every rank's log-probs.
-        local = logp.detach().float().cpu()[: len(pos)]
-        full_logp = gather_rows(local, pos, len(idx), d)
-        with torch.no_grad():
-            ref = data.ref_logp[idx] if data.ref_logp is not None else None
-            glob = self.spec.fn(full_logp, data.old_logp[idx], data.adv[idx], mask_all, clip_low=self.clip_low,
-                                clip_high=self.clip_high, ref_logp=ref, **opts)
-        # MoE per-minibatch metrics (drift, aux terms): token-weighted means of the ranks' values; exact for
-        # the drift (a mean over the tokens of every layer), the aux-loss values are per-rank batch statistics.
-        keys = sorted(moe_mb.metrics)
-        sums = all_reduce([tokens * moe_mb.metrics[key] for key in keys] + [tokens], d)
-        moe_metrics = {key: v / sums[-1] if sums[-1] else 0.0 for key, v in zip(keys, sums)}
-        return {"step": self.global_step, "epoch": epoch, "minibatch": j, "loss": float(glob.loss),
-                "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], **glob.metrics,
-                **moe_metrics}
 
     def _rollout_metrics(self, data: RolloutData, reward_metrics: dict[str, float]) -> dict[str, Any]:
         g = self.cfg.rollout.group_size
@@ -680,21 +505,6 @@ class GSPOTrainer:
         if self.accelerator is not None:
             self.accelerator.end_training()
         return final
-
-    def _save_sharded(self, state: dict[str, Any]) -> str:
-        """Collective: a torch.distributed.checkpoint of the shards (any number of processes resumes it)."""
-        return save_distributed_checkpoint(self.out, self.rollout_idx, model=self.model, optimizer=self.optimizer,
-                                           scheduler=self.scheduler, tokenizer=self.tokenizer,
-                                           trainer_state=state, keep=self.cfg.train.keep_checkpoints,
-                                           lora_save=self.cfg.lora.save)
-
-    def _save_final_sharded(self, final: str) -> None:
-        """Collective: final/ as one process writes it (a plain HF folder, LoRA merged, plus final_adapter/),
-        streamed by rank 0 one layer at a time."""
-        save_consolidated(self.model, self.tokenizer, final)
-        if self.policy.is_lora:
-            save_sharded_adapter(self.model, self.tokenizer, final + "_adapter")
-
 
 def run_rl(cfg: Any) -> str:
     """The `rl` stage: GSPO (or a baseline named by algorithm.name) on the configured rewards."""
