@@ -78,6 +78,13 @@ def save_checkpoint(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
         raise write_error(e, final) from e
+    publish(root, tmp, name, keep)
+    return final
+
+
+def publish(root: str, tmp: str, name: str, keep: int) -> None:
+    """Make the finished temporary folder `tmp` the checkpoint `root/name`, point `latest` at it, prune."""
+    final = os.path.join(root, name)
     if os.path.exists(final):
         # Re-saving the same rollout (the trainer avoids it): move the old copy aside, then rename the new one
         # in; only a kill between these two renames would leave `latest` without its directory.
@@ -89,7 +96,6 @@ def save_checkpoint(
         os.rename(tmp, final)
     _write_latest(root, name)
     _prune(root, keep, latest=name)
-    return final
 
 
 # Below this many free bytes a failed write is put down to a full disk (torch.save reports one as

@@ -47,8 +47,7 @@ from gspo.models.provenance import write_provenance
 from gspo.training.checkpoint import (
     CHECKPOINTS,
     _fsync_dir,
-    _prune,
-    _write_latest,
+    publish,
     rng_state,
     set_rng_state,
     write_error,
@@ -216,15 +215,7 @@ def save_distributed_checkpoint(output_dir: str, rollout: int, *, model: torch.n
     _hook_before_publish(tmp)
     _barrier()  # every rank's shards are on disk before the rename makes them the checkpoint
     if rank == 0:
-        if os.path.exists(final):  # re-saving a rollout: as gspo.training.checkpoint.save_checkpoint
-            old = os.path.join(root, f".tmp-old-{name}-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _write_latest(root, name)
-        _prune(root, keep, latest=name)
+        publish(root, tmp, name, keep)
     _barrier()  # no rank returns (and maybe resumes from `latest`) before it names this checkpoint
     return final
 
