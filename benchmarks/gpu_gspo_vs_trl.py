@@ -47,18 +47,27 @@ if SMOKE:
 RUNS = ("gspo_vllm", "llm_generate", "trl_vllm", "gspo_hf", "trl_hf", "gspo_vllm_reload", "gspo_vllm_sleep")
 
 
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer `w0 .. w<vocab-1>` (pad w1, eos w2) whose chat template passes the prompt through
+    (raw prompts, as the TRL anchor feeds them): no download needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2")
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    return tokenizer
+
+
 def build_model_dir(root: str, layers: int) -> str:
     path = os.path.join(root, "model")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2")
-    tokenizer.chat_template = "{{ messages[0]['content'] }}"  # raw prompts, as the TRL anchor feeds them
+    tokenizer = word_tokenizer(VOCAB)
     shape = {"hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_attention_heads": 32,
              "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8}
     if SMOKE:

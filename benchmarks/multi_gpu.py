@@ -25,10 +25,11 @@ import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmark's helpers
 
 VOCAB = 151936
 # Qwen3-30B-A3B's config.json (hidden, experts, heads); only num_hidden_layers is cut.
@@ -44,14 +45,10 @@ def build_model_dir(root: str, layers: int) -> str:
     path = os.path.join(root, f"qwen3moe-{layers}l")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from gpu_gspo_vs_trl import word_tokenizer
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2")
-    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    tokenizer = word_tokenizer(VOCAB)
     cfg = Qwen3MoeConfig(vocab_size=VOCAB, num_hidden_layers=layers, pad_token_id=1, eos_token_id=2,
                          bos_token_id=None, **SHAPE)
     torch.manual_seed(0)
@@ -79,28 +76,6 @@ def write_data(root: str) -> tuple[str, str]:
         f.write("import random\n\n\ndef reward_len(prompts, completions, completion_ids, **kw):\n"
                 "    return [len(c) / 1000.0 + random.random() for c in completions]\n")
     return data, reward
-
-
-class PeakMemory:
-    """Peak of this GPU's used memory (total - free, which counts vLLM's pool), sampled in a thread."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while torch.cuda.is_available() and not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakMemory:  # noqa: PYI034
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def first_nonfinite(named: list[tuple[str, torch.Tensor | None]]) -> str | None:
@@ -177,6 +152,8 @@ def add_finite_checks(trainer, log: list) -> None:
 
 
 def child(args: argparse.Namespace) -> None:
+    from gpu_gspo_vs_trl import PeakMemory
+
     from gspo.config import load_config
     from gspo.training.trainer import GSPOTrainer
 
