@@ -11,8 +11,10 @@ rollout, clip 3e-4/4e-4, lr 1e-6. Runs, each in its own process (so each peak is
 - gspo_hf / trl_hf: the same two with HF generate.
 - gspo_vllm_reload / gspo_vllm_sleep: gspo_vllm with every sync through vLLM's reload_weights (no verified
                 in-place copy, `weight_sync.DIRECT_COPY = False`) / with rollout.sleep_between_rollouts=true.
-- llm_generate: plain `vllm.LLM.generate` of the same requests (8 prompts, n=8, 256 tokens, logprobs=0) on an
-                engine built like gspo's, to compare the rollout hop with.
+- llm_generate: plain `vllm.LLM.generate` of the same requests (8 prompts, n=8, 256 tokens, logprobs=0, per-prompt
+                seeds, no detokenization) on an engine built like gspo's, to compare the rollout hop with; also
+                the same with detokenize=True and without seeds, and gspo's engine.generate.
+- <run>_v1:     any vLLM run under vLLM's V1 GPU model runner (VLLM_USE_V2_MODEL_RUNNER=0; gspo asks for V2).
 
 Per run: median seconds per rollout cycle over the cycles after the first (warm-up), peak device memory (the
 card's used memory, sampled every 20 ms: vLLM's pool is outside torch's allocator statistics), and for gspo the
@@ -45,6 +47,7 @@ SMOKE = os.environ.get("GSPO_BENCH_SMOKE") == "1"
 if SMOKE:
     VOCAB, NEW_TOKENS = 6000, 8
 RUNS = ("gspo_vllm", "llm_generate", "trl_vllm", "gspo_hf", "trl_hf", "gspo_vllm_reload", "gspo_vllm_sleep")
+# Any vLLM run + "_v1" (e.g. gspo_vllm_v1, llm_generate_v1): the same under vLLM's V1 GPU model runner.
 
 
 def word_tokenizer(vocab: int):
@@ -222,26 +225,37 @@ def run_llm_generate(root: str, model_path: str, cycles: int) -> dict:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        times_plain, times_engine = [], []
+        # The requests gspo's engine issues (seeded per prompt, logprobs=0, no detokenization) are the floor; the
+        # variants show what each costs: detokenize=True (vLLM's per-token incremental detokenizer, what gspo
+        # asked for before), no seeds (the V1 runner's per-request sampling loop gone).
+        variants = {"same_requests": {}, "detokenize": {"detokenize": True}, "unseeded": {"seed": None}}
+        times: dict[str, list[float]] = {v: [] for v in [*variants, "engine"]}
         for c in range(cycles):
             batch = ids[c * PROMPTS:(c + 1) * PROMPTS]
-            params = [SamplingParams(n=G, temperature=1.0, max_tokens=NEW_TOKENS, seed=1000 * c + b, logprobs=0,
-                                     stop_token_ids=[tokenizer.eos_token_id]) for b in range(PROMPTS)]
-            sync()
-            t = time.perf_counter()
-            eng.llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
-            sync()
-            times_plain.append(time.perf_counter() - t)
+            for name, change in variants.items():
+                params = [SamplingParams(**{"n": G, "temperature": 1.0, "max_tokens": NEW_TOKENS, "logprobs": 0,
+                                            "seed": 1000 * c + b, "detokenize": False,
+                                            "stop_token_ids": [tokenizer.eos_token_id], **change})
+                          for b in range(PROMPTS)]
+                sync()
+                t = time.perf_counter()
+                eng.llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+                sync()
+                times[name].append(time.perf_counter() - t)
             t = time.perf_counter()  # the same requests through gspo's generate (assembly of the batch included)
             eng.generate(batch, SamplingSpec(n=G, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=c))
             sync()
-            times_engine.append(time.perf_counter() - t)
-    return {"cycle_s": statistics.median(times_plain[1:]), "engine_generate_s": statistics.median(times_engine[1:]),
-            "peak_gib": mem.peak / 2**30, "cycles": [round(x, 3) for x in times_plain],
-            "engine_cycles": [round(x, 3) for x in times_engine]}
+            times["engine"].append(time.perf_counter() - t)
+    med = {k: round(statistics.median(v[1:]), 4) for k, v in times.items()}
+    return {"cycle_s": med["same_requests"], "engine_generate_s": med["engine"], "variants_s": med,
+            "peak_gib": mem.peak / 2**30, "cycles": [round(x, 3) for x in times["same_requests"]],
+            "runner": "cpu" if not CUDA else ("v1" if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2")}
 
 
 def child(run: str, root: str, model_path: str, cycles: int, overrides: list[str]) -> dict:
+    if run.endswith("_v1"):  # vLLM's V1 GPU model runner (gspo asks for V2 on GPU unless the env chose)
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        run = run[:-3]
     if run == "gspo_vllm":
         return run_gspo(root, model_path, "vllm_colocate", cycles, overrides)
     if run == "gspo_vllm_reload":
@@ -303,8 +317,8 @@ def main() -> None:
     print(f"{'run':<17}{'s/cycle':>9}{'peak GiB':>10}  detail")
     for run, r in results.items():
         detail = r.get("hops") or ""
-        if run == "llm_generate":
-            detail = f"gspo engine.generate of the same requests: {r['engine_generate_s']:.3f} s"
+        if run.startswith("llm_generate"):
+            detail = f"gspo engine.generate of the same requests: {r['engine_generate_s']:.3f} s; {r['variants_s']}"
         print(f"{run:<17}{r['cycle_s']:>9.3f}{r['peak_gib']:>10.1f}  {detail} {r.get('sync', '')}")
     if "gspo_vllm" in results and "trl_vllm" in results:
         print(f"gspo_vllm / trl_vllm = {results['gspo_vllm']['cycle_s'] / results['trl_vllm']['cycle_s']:.2f}")

@@ -2,7 +2,12 @@
 
 - generate: one request per prompt with `n = group_size`, per-prompt seeds derived from `SamplingSpec.seed`,
   `logprobs=0` (the sampled token's logprob) under `logprobs_mode="processed_logprobs"`, i.e. after
-  temperature / top-k / top-p, the distribution the token was drawn from.
+  temperature / top-k / top-p, the distribution the token was drawn from. vLLM does not detokenize
+  (`detokenize=False`: its incremental detokenizer runs per token per request, in the engine loop); the texts
+  are one `batch_decode` of the token ids afterwards, exactly as the HF engine makes them, so both engines give
+  the same text for the same tokens (a stop token's text included, special tokens skipped).
+- model runner: vLLM's V2 GPU model runner on GPU (`vllm_compat.use_v2_model_runner`): it samples seeded
+  requests in one batched kernel, where the V1 runner loops over the requests on the host at every step.
 - update_weights: every weight under its checkpoint-format name, in layer order and per-layer buckets, through
   vLLM's `reload_weights` in ONE call, verified parameter by parameter (`gspo.rollout.weight_sync`); later syncs
   copy in place where the first one showed the engine keeps the trainer's tensors as they are. Then
@@ -59,9 +64,12 @@ class VLLMColocateEngine:
         # In-process engine: the trainer's tensors reach the model by reference on reload, and the shims in
         # vllm_compat patch the process that actually runs the model.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from gspo.rollout import vllm_compat
+
+        vllm_compat.use_v2_model_runner(on_gpu=on_gpu)
         from vllm import LLM
 
-        from gspo.rollout import sizing, vllm_compat
+        from gspo.rollout import sizing
 
         enforce_eager = sizing.resolve_enforce_eager(enforce_eager, on_gpu=on_gpu)
         if kv_cache_memory_bytes is None and gpu_memory_utilization is None:
@@ -128,20 +136,20 @@ class VLLMColocateEngine:
                 seed=derive_seed(sampling.seed, sampling.first_prompt + b, sampling.n),
                 logprobs=0,
                 stop_token_ids=stop_ids,
-                skip_special_tokens=True,
+                detokenize=False,  # texts: one batch_decode below (see the module docstring)
             )
             for b in range(len(prompt_ids))
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        completions, logps, reasons, texts = [], [], [], []
+        completions, logps, reasons = [], [], []
         for out in outputs:  # same order as the prompts
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 completions.append(ids)
                 logps.append([step[tok].logprob for tok, step in zip(ids, c.logprobs or [], strict=True)])
                 reasons.append(_finish_reason(c.finish_reason))
-                texts.append(c.text)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return assemble_batch(
             prompt_ids, completions, logps, reasons, texts, group_size=sampling.n, pad_token_id=self.pad_token_id
         )

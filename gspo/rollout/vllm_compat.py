@@ -179,3 +179,32 @@ def moe_repack_shim_active() -> bool:
     from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as mod
 
     return bool(getattr(mod.UnquantizedFusedMoEMethod._setup_kernel, _PATCH_FLAG, False))
+
+
+# Model runner (vLLM 0.26-0.32 on GPU) ------------------------------------------------------------------------
+# Up to 0.32 vLLM picks its V2 GPU model runner by default only for dense models and a short list of MoE
+# architectures (vllm/config/vllm.py `DEFAULT_V2_MODEL_RUNNER_ARCHITECTURES`); from 0.33 V2 is the default for
+# every model. The V1 runner samples seeded requests one by one on the host at every decoding step
+# (`random_sample` in vllm/v1/sample/ops/topk_topp_sampler.py: one `exponential_(generator=...)` per request),
+# and every gspo request is seeded; V2 draws each request's noise from (seed, position) inside one batched
+# kernel (vllm/v1/worker/gpu/sample/gumbel.py), so the rollout's reproducibility costs nothing. Its weight
+# reload is V1's `reload_weights` (vllm/v1/worker/gpu/model_runner.py), which `gspo.rollout.weight_sync` drives.
+# V2's sampler asks at start-up whether FlashInfer's top-k/top-p sampler can run, which imports FlashInfer; it
+# would never run for gspo's requests (V2 skips it for seeded requests and for processed logprobs, both always
+# set: vllm/v1/worker/gpu/sample/sampler.py), so it is switched off and an install without FlashInfer works.
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+FLASHINFER_SAMPLER_ENV = "VLLM_USE_FLASHINFER_SAMPLER"
+
+
+def use_v2_model_runner(*, on_gpu: bool) -> bool:
+    """Ask vLLM for its V2 model runner on GPU (before the engine is built), unless the user's environment
+    already chose (`VLLM_USE_V2_MODEL_RUNNER=0` keeps V1). The CPU platform has one runner: nothing to do.
+    Returns whether V2 was requested here."""
+    import os
+
+    if not on_gpu or os.environ.get(V2_RUNNER_ENV) is not None:
+        return False
+    os.environ[V2_RUNNER_ENV] = "1"
+    os.environ.setdefault(FLASHINFER_SAMPLER_ENV, "0")
+    logger.info("vllm: using the V2 GPU model runner (batched seeded sampling); %s=0 keeps V1", V2_RUNNER_ENV)
+    return True

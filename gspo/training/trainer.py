@@ -130,7 +130,9 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
         if d.sharded:  # fully_shard replaces the parameters: the optimizer is built on the shards
             self.model = self._shard(self.model)
             self.policy.model = self.model
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.total_optimizer_steps)
+        step_device = torch.device("cpu") if d.sharded and cfg.train.fsdp_cpu_offload else self.device
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.total_optimizer_steps,
+                                                         step_device)
         if not d.sharded:
             self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
                 self.model, self.optimizer, self.scheduler)

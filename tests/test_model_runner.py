@@ -1,0 +1,37 @@
+"""`vllm_compat.use_v2_model_runner`: V2 on GPU unless the user's environment chose, nothing on CPU."""
+
+import os
+
+import pytest
+
+from gspo.rollout import vllm_compat
+
+pytestmark = pytest.mark.timeout(30)
+ENVS = (vllm_compat.V2_RUNNER_ENV, vllm_compat.FLASHINFER_SAMPLER_ENV)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in ENVS:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_gpu_asks_for_v2_and_skips_the_flashinfer_probe(clean_env):
+    assert vllm_compat.use_v2_model_runner(on_gpu=True) is True
+    assert os.environ[vllm_compat.V2_RUNNER_ENV] == "1"
+    assert os.environ[vllm_compat.FLASHINFER_SAMPLER_ENV] == "0"
+
+
+def test_cpu_changes_nothing(clean_env):
+    assert vllm_compat.use_v2_model_runner(on_gpu=False) is False
+    assert not any(k in os.environ for k in ENVS)
+
+
+@pytest.mark.parametrize("choice", ["0", "1"])
+def test_the_users_choice_wins(clean_env, choice):
+    clean_env.setenv(vllm_compat.V2_RUNNER_ENV, choice)
+    clean_env.setenv(vllm_compat.FLASHINFER_SAMPLER_ENV, "1")
+    assert vllm_compat.use_v2_model_runner(on_gpu=True) is False
+    assert os.environ[vllm_compat.V2_RUNNER_ENV] == choice
+    assert os.environ[vllm_compat.FLASHINFER_SAMPLER_ENV] == "1"
