@@ -51,15 +51,22 @@ RUNS = ("gspo_vllm", "llm_generate", "trl_vllm", "gspo_hf", "trl_hf", "gspo_vllm
 
 
 def word_tokenizer(vocab: int):
-    """A word-level tokenizer `w0 .. w<vocab-1>` (pad w1, eos w2) whose chat template passes the prompt through
-    (raw prompts, as the TRL anchor feeds them): no download needed."""
+    """A word-level tokenizer: `<unk>` 0, `<pad>` 1, `<eos>` 2, then `w3 .. w<vocab-1>`, one token per word; its
+    chat template passes the prompt through (raw prompts, as the TRL anchor feeds them): no download needed.
+
+    The special tokens must not look like words: named `w1` / `w2` they were split out of every word that starts
+    with them ("w1792" -> `w1` `w0`), so a 64-word prompt became ~91 tokens holding pad tokens as real tokens.
+    A model built from a config has an all-zero pad embedding row (padding_idx); a row that starts with such
+    tokens keeps an exactly-zero hidden state in every layer, where RMSNorm's backward has gain 1/sqrt(eps):
+    the gradient grew ~1000x per layer and overflowed in a 24-layer bf16 model (every LoRA gradient NaN)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    words = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
     tokenizer.chat_template = "{{ messages[0]['content'] }}"
     return tokenizer
 
