@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from gpu_gspo_vs_trl import prompts, word_tokenizer  # noqa: E402
+from gpu_gspo_vs_trl import prompts, word_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 
