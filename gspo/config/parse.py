@@ -82,7 +82,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 # List items that may be written as a bare string, and the key the string stands for.
 _SHORTHAND = {"rewards": "fn"}
-# Sections that may be written as a bare string, and the field the string fills (schema.py fills it:
+# Sections that may be written as a bare string, and the field the string fills (sections.py fills it:
 # RewardSpec -> "fn").
 SHORTHAND_FIELD: dict[type, str] = {}
 
