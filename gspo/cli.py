@@ -265,9 +265,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The config reference (docs/config.md is this function's output)
-# ----------------------------------------------------------------------------------------------------------
+# -- The config reference (docs/config.md is this function's output) -----------------------------------------
 
 
 def _fmt_default(f: Any) -> str:

@@ -31,9 +31,7 @@ from gspo.models.provenance import (  # noqa: F401  (re-exported: callers import
 )
 from gspo.registry import MODEL_FAMILIES
 
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------
+# -- Tokenizer -----------------------------------------------------------------------------------------------
 
 # Special tokens are single tokens; the first group is "special" (skipped when decoding with
 # skip_special_tokens), the reasoning/answer tags are ordinary added tokens so rewards see them in text.
@@ -90,9 +88,7 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None):
     return tokenizer
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tiny MoE families
-# ----------------------------------------------------------------------------------------------------------
+# -- Tiny MoE families ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -249,9 +245,7 @@ def build_tiny_model(
     return str(out)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading the policy
-# ----------------------------------------------------------------------------------------------------------
+# -- Loading the policy --------------------------------------------------------------------------------------
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")

@@ -45,9 +45,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sample and score (shared with the rejection_sampling stage)
-# ----------------------------------------------------------------------------------------------------------
+# -- Sample and score (shared with the rejection_sampling stage) ---------------------------------------------
 
 
 @dataclass
@@ -151,9 +149,7 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-# ----------------------------------------------------------------------------------------------------------
-# run_eval
-# ----------------------------------------------------------------------------------------------------------
+# -- run_eval ------------------------------------------------------------------------------------------------
 
 
 def run_eval(cfg: Any, *, model_path: str | None = None, output_dir: str | None = None) -> dict[str, Any]:
