@@ -102,10 +102,8 @@ def routing_drift(records_old: RoutingRecords, records_new: RoutingRecords) -> d
     if records_old.layers != records_new.layers:
         raise ValueError(f"routing_drift: layers differ ({records_old.layers} vs {records_new.layers})")
     if tuple(records_old.mask.shape) != tuple(records_new.mask.shape):
-        raise ValueError(
-            f"routing_drift: token layouts differ ({tuple(records_old.mask.shape)} vs "
-            f"{tuple(records_new.mask.shape)}); record both passes on the same padded batch"
-        )
+        raise ValueError(f"routing_drift: token layouts differ ({tuple(records_old.mask.shape)} vs "
+                         f"{tuple(records_new.mask.shape)}); record both passes on the same padded batch")
     valid = records_old.mask & records_new.mask.to(records_old.mask.device)
     old = torch.stack(records_old.indices)
     rows = [1.0 - _masked_layer_mean(topk_overlap(old, torch.stack(records_new.indices).to(old.device)), valid)]

@@ -276,14 +276,8 @@ class RoutingRecords:
     routers: list[torch.nn.Module] | None = None
 
     @classmethod
-    def from_indices(
-        cls,
-        indices: Sequence[torch.Tensor],
-        num_experts: int,
-        *,
-        probs: Sequence[torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> RoutingRecords:
+    def from_indices(cls, indices: Sequence[torch.Tensor], num_experts: int, *,
+                     probs: Sequence[torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> RoutingRecords:
         """Build records by hand: `indices[l]` is [N, k] or [B, S, k]; `probs[l]` (same leading shape, E
         last) gives the entropy; mask defaults to all tokens valid."""
         idx = [t if t.dim() == 3 else t.unsqueeze(0) for t in indices]

@@ -204,10 +204,8 @@ def _check_signature(name: str, fn: Callable[..., Any], columns: Sequence[str], 
         if key in STANDARD_ARGS:
             raise RewardLoadError(f"reward {name!r}: kwargs key {key!r} would override a standard argument")
         if key not in params and not var_kw:
-            raise RewardLoadError(
-                f"reward {name!r}: kwargs key {key!r} is not a parameter of the function; "
-                f"its parameters: {', '.join(sorted(params)) or '(none)'}"
-            )
+            raise RewardLoadError(f"reward {name!r}: kwargs key {key!r} is not a parameter of the function; "
+                                  f"its parameters: {', '.join(sorted(params)) or '(none)'}")
     # Built-ins that read a column through **columns declare it (e.g. the gold-answer column of math_accuracy).
     needed = getattr(fn, "__reward_columns__", None)
     for col in needed(dict(kwargs)) if callable(needed) else ():

@@ -121,18 +121,11 @@ def run_rejection_sampling(cfg: Any) -> str:
     n = scored.n
     kept_rewards = [scored.rewards[i] for idx in accepted for i in idx]
     stats = {
-        "model": path,
-        "num_prompts": len(rows),
-        "samples_per_prompt": n,
-        "num_samples": len(scored.completions),
-        "num_accepted": num_accepted,
-        "num_mixed": len(data) - num_accepted,
-        "num_rows": len(data),
+        "model": path, "num_prompts": len(rows), "samples_per_prompt": n, "num_samples": len(scored.completions),
+        "num_accepted": num_accepted, "num_mixed": len(data) - num_accepted, "num_rows": len(data),
         "acceptance_rate": num_accepted / len(scored.completions),
-        "prompts_with_accepted": sum(1 for idx in accepted if idx),
-        "mean_reward": _mean(scored.rewards),
-        "mean_reward_accepted": _mean(kept_rewards),
-        **scored.metrics,
+        "prompts_with_accepted": sum(1 for idx in accepted if idx), "mean_reward": _mean(scored.rewards),
+        "mean_reward_accepted": _mean(kept_rewards), **scored.metrics,
         "rejected": rejected,
         "per_prompt": [{"prompt": row["prompt"], "accepted": len(idx), "sampled": n, "acceptance_rate": len(idx) / n,
                         "mean_reward": _mean(scored.rewards[b * n:(b + 1) * n])}
