@@ -247,10 +247,8 @@ def _finish(t: _Terms, kl, beta, inp: _Inputs) -> LossOutput:
     n_seq = inp.rows.sum().clamp(min=1).to(f)
     r, ratio_mask = t.ratios.detach(), t.ratio_mask
     any_ratio = ratio_mask.any()
-    stats = [
-        tok_low.sum() / n_tok,
-        tok_high.sum() / n_tok,
-        (seq_low & inp.rows).sum() / n_seq,
+    stats = [  # in METRIC_KEYS' order
+        tok_low.sum() / n_tok, tok_high.sum() / n_tok, (seq_low & inp.rows).sum() / n_seq,
         (seq_high & inp.rows).sum() / n_seq,
         torch.where(any_ratio, masked_mean(r, ratio_mask), 1.0),
         torch.where(any_ratio, torch.where(ratio_mask, r, float("inf")).min(), 1.0),

@@ -38,13 +38,9 @@ def load_per_expert(records: RoutingRecords) -> torch.Tensor:
 
 def load_stats(load: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-layer imbalance of a [L, E] load: max/mean, coefficient of variation, dead count (each [L])."""
-    mean = load.mean(dim=-1)
-    safe = mean.clamp_min(1e-12)
-    return {
-        "load_max_over_mean": load.max(dim=-1).values / safe,
-        "load_cv": load.std(dim=-1, unbiased=False) / safe,
-        "dead_experts": (load == 0).sum(dim=-1).float(),
-    }
+    safe = load.mean(dim=-1).clamp_min(1e-12)
+    return {"load_max_over_mean": load.max(dim=-1).values / safe, "load_cv": load.std(dim=-1, unbiased=False) / safe,
+            "dead_experts": (load == 0).sum(dim=-1).float()}
 
 
 def _masked_layer_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -126,10 +126,9 @@ def check_vllm_supported(version: str | None = None) -> None:
 
 def moe_repack_shim_needed() -> tuple[bool, str]:
     """(needed, reason): whether the installed vLLM has the CPU MoE re-pack-after-reload bug."""
-    import vllm
     from vllm.platforms import current_platform
 
-    version = str(getattr(vllm, "__version__", "?")).split("+")[0]
+    version = _version()
     if version not in MOE_REPACK_AFFECTED_VERSIONS:
         return False, f"vLLM {version} is not in the affected versions {sorted(MOE_REPACK_AFFECTED_VERSIONS)}"
     if not current_platform.is_cpu():
