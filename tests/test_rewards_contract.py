@@ -315,9 +315,9 @@ def _bounded(fn, seconds=20):
 
 def test_a_reward_that_never_returns_times_out_by_default(failing, monkeypatch):
     """No timeout_s in the spec: the default applies (300 s; shortened here) and names the reward."""
-    import gspo.rewards
+    import gspo.rewards.loading
 
-    monkeypatch.setattr(gspo.rewards, "DEFAULT_REWARD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(gspo.rewards.loading, "DEFAULT_REWARD_TIMEOUT_S", 0.3)
     hanging = {k: v for k, v in failing("slow_sync", on_error="error").items() if k != "timeout_s"}
     finished, out = _bounded(lambda: call(build(hanging)))
     assert finished, "the reward call hung: no default time-out"

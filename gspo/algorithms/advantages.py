@@ -34,10 +34,8 @@ def _grouped(rewards: torch.Tensor, group_size: int, fn: str) -> torch.Tensor:
         raise ValueError(f"{fn}: group_size must be a positive int, got {group_size!r}")
     n = rewards.shape[0]
     if n % group_size != 0:
-        raise ValueError(
-            f"{fn}: number of rewards N={n} is not a multiple of group_size={group_size} "
-            "(rows must be B groups of G completions, prompt-major)"
-        )
+        raise ValueError(f"{fn}: number of rewards N={n} is not a multiple of group_size={group_size} "
+                         "(rows must be B groups of G completions, prompt-major)")
     r = rewards.detach().to(torch.float64)
     bad = torch.isinf(r)
     if bool(bad.any()):

@@ -180,10 +180,8 @@ def _prepare(fn: str, logp, old_logp, advantages, mask, clip_low, clip_high, max
                 "advantage per completion [N]. For per-token advantages use gspo_token (GSPO-token, Eq. 13-14)"
             )
     elif tuple(advantages.shape) != (n,):
-        raise ValueError(
-            f"{fn}: advantages must be [N]={[n]}" + (" or [N, T]" if per_token_ok else "")
-            + f", got shape {list(advantages.shape)}"
-        )
+        raise ValueError(f"{fn}: advantages must be [N]={[n]}" + (" or [N, T]" if per_token_ok else "")
+                         + f", got shape {list(advantages.shape)}")
     if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
         raise ValueError(f"{fn}: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     # bf16 / fp16 log-probs lose the ~1e-4 differences GSPO's clip band is made of: compute in >= fp32.
@@ -249,10 +247,8 @@ def _finish(t: _Terms, kl, beta, inp: _Inputs) -> LossOutput:
     n_seq = inp.rows.sum().clamp(min=1).to(f)
     r, ratio_mask = t.ratios.detach(), t.ratio_mask
     any_ratio = ratio_mask.any()
-    stats = [
-        tok_low.sum() / n_tok,
-        tok_high.sum() / n_tok,
-        (seq_low & inp.rows).sum() / n_seq,
+    stats = [  # in METRIC_KEYS' order
+        tok_low.sum() / n_tok, tok_high.sum() / n_tok, (seq_low & inp.rows).sum() / n_seq,
         (seq_high & inp.rows).sum() / n_seq,
         torch.where(any_ratio, masked_mean(r, ratio_mask), 1.0),
         torch.where(any_ratio, torch.where(ratio_mask, r, float("inf")).min(), 1.0),
@@ -277,20 +273,10 @@ def _policy_loss(clip: tuple[float, float], *, per_token_advantages: bool):
     def wrap(formula: Callable[[_Inputs], _Terms]) -> Callable[..., LossOutput]:
         fn = formula.__name__
 
-        def loss(
-            logp: torch.Tensor,
-            old_logp: torch.Tensor,
-            advantages: torch.Tensor,
-            mask: torch.Tensor,
-            *,
-            clip_low: float = clip[0],
-            clip_high: float = clip[1],
-            ref_logp: torch.Tensor | None = None,
-            beta: float = 0.0,
-            kl_estimator: str = "k3",
-            max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-            max_completion_length: int | None = None,  # used only by dr_grpo (its L_max)
-        ) -> LossOutput:
+        def loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                 clip_low: float = clip[0], clip_high: float = clip[1], ref_logp: torch.Tensor | None = None,
+                 beta: float = 0.0, kl_estimator: str = "k3", max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
+                 max_completion_length: int | None = None) -> LossOutput:  # L_max: used only by dr_grpo
             inp = _prepare(fn, logp, old_logp, advantages, mask, clip_low, clip_high, max_log_ratio,
                            max_completion_length, per_token_ok=per_token_advantages)
             terms = formula(inp)

@@ -47,13 +47,8 @@ def token_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tens
     return torch.where(m, logp, 0.0) - torch.where(m, old_logp.to(logp.dtype), 0.0)
 
 
-def sequence_log_ratio(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    max_log_ratio: float = DEFAULT_MAX_LOG_RATIO,
-) -> torch.Tensor:
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *,
+                       max_log_ratio: float = DEFAULT_MAX_LOG_RATIO) -> torch.Tensor:
     """log s_i, the GSPO sequence-level log importance ratio (Eq. 7).
 
     s_i = (pi_theta(y_i|x) / pi_old(y_i|x)) ** (1/|y_i|)

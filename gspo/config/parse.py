@@ -40,9 +40,7 @@ class ConfigError(ValueError):
         self.keys = keys if keys is not None else ([key] if key else [])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# YAML and overrides
-# ----------------------------------------------------------------------------------------------------------
+# -- YAML and overrides --------------------------------------------------------------------------------------
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -82,7 +80,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 # List items that may be written as a bare string, and the key the string stands for.
 _SHORTHAND = {"rewards": "fn"}
-# Sections that may be written as a bare string, and the field the string fills (schema.py fills it:
+# Sections that may be written as a bare string, and the field the string fills (sections.py fills it:
 # RewardSpec -> "fn").
 SHORTHAND_FIELD: dict[type, str] = {}
 
@@ -142,9 +140,7 @@ def _expand(item: Any, list_name: str) -> Any:
     return item
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Building sections with type checks
-# ----------------------------------------------------------------------------------------------------------
+# -- Building sections with type checks ----------------------------------------------------------------------
 
 
 def _raise(errors: list[ConfigError]) -> None:

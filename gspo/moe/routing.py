@@ -41,9 +41,7 @@ logger = logging.getLogger("gspo.moe")
 
 REPLAY_MODES = ("none", "r2", "r3")
 
-# ----------------------------------------------------------------------------------------------------------
-# Router families
-# ----------------------------------------------------------------------------------------------------------
+# -- Router families -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -156,9 +154,7 @@ def find_routers(model: torch.nn.Module) -> list[RouterInfo]:
     return found
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Hook dispatch (one pre-hook + one forward hook per router)
-# ----------------------------------------------------------------------------------------------------------
+# -- Hook dispatch (one pre-hook + one forward hook per router) ----------------------------------------------
 
 
 @dataclass
@@ -210,9 +206,7 @@ def _post_hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
     return (logits, scores, indices, *output[3:])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Router controls
-# ----------------------------------------------------------------------------------------------------------
+# -- Router controls -----------------------------------------------------------------------------------------
 
 
 def apply_router_controls(model: torch.nn.Module, moe_cfg: Any) -> list[RouterInfo]:
@@ -256,9 +250,7 @@ def apply_router_controls(model: torch.nn.Module, moe_cfg: Any) -> list[RouterIn
     return routers
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Recording
-# ----------------------------------------------------------------------------------------------------------
+# -- Recording -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -284,14 +276,8 @@ class RoutingRecords:
     routers: list[torch.nn.Module] | None = None
 
     @classmethod
-    def from_indices(
-        cls,
-        indices: Sequence[torch.Tensor],
-        num_experts: int,
-        *,
-        probs: Sequence[torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> RoutingRecords:
+    def from_indices(cls, indices: Sequence[torch.Tensor], num_experts: int, *,
+                     probs: Sequence[torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> RoutingRecords:
         """Build records by hand: `indices[l]` is [N, k] or [B, S, k]; `probs[l]` (same leading shape, E
         last) gives the entropy; mask defaults to all tokens valid."""
         idx = [t if t.dim() == 3 else t.unsqueeze(0) for t in indices]

@@ -1,21 +1,7 @@
-"""The pipeline file (`gspo pipeline FILE`): its format, read and checked into a `Pipeline`.
-
-A pipeline file (YAML):
-
-    name: tiny
-    output_dir: runs/tiny/pipeline          # stage `s` writes <output_dir>/<s>; manifest.json, report.md here
-    eval: {config: eval.yaml, overrides: []}  # optional: what `eval: true` stages are evaluated with
-    stages:
-      - name: cold_start
-        config: cold_start.yaml             # relative to the pipeline file
-      - name: reasoning_rl
-        config: reasoning_rl.yaml
-        overrides: [train.num_rollouts=60]  # applied after the wiring: an explicit value always wins
-        input: {from: cold_start}           # optional: where the model comes from (default: see below)
-        eval: true                          # optional: evaluate the stage's output afterwards (eval.json)
-
-Precedence inside one stage: stage config file < wiring < the stage's `overrides` < command-line
-`stages.<stage>.<key>=value`. Root overrides: `output_dir=...`, `name=...`.
+"""The pipeline file (`gspo pipeline FILE`): its format (docs/pipeline.md, "The pipeline file"), read and
+checked into a `Pipeline`: root keys `name`, `output_dir`, `overwrite`, `eval: {config, overrides}` and
+`stages`, each with `name`, `config` (relative to the pipeline file), `overrides`, `input` and `eval`.
+Command-line overrides: `stages.<stage>.<key>=value` for one stage; `output_dir=`, `name=`, `overwrite=`.
 """
 
 from __future__ import annotations
@@ -34,9 +20,7 @@ STAGE_KEYS = ("name", "config", "overrides", "input", "eval")
 INPUT_KEYS = ("model", "data", "reward_model")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The pipeline file
-# ----------------------------------------------------------------------------------------------------------
+# -- The pipeline file ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -77,8 +61,7 @@ def is_pipeline_file(path: str | os.PathLike) -> bool:
 
 def _unknown(kind: str, key: str, valid: tuple[str, ...] | list[str]) -> str:
     hint = closest(key, list(valid))
-    return f"unknown {kind} {key!r}; valid: {', '.join(valid)}" + (f" (did you mean {hint!r}?)" if hint
-                                                                     else "")
+    return f"unknown {kind} {key!r}; valid: {', '.join(valid)}" + (f" (did you mean {hint!r}?)" if hint else "")
 
 
 def _parse_input(raw: Any, where: str, earlier: list[str]) -> dict[str, str | None]:

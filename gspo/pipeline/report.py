@@ -2,17 +2,8 @@
 
 Inputs, per stage (the manifest's order): `<stage dir>/metrics.jsonl` (the trainer's per-step rows),
 `<stage dir>/eval.json` (`gspo eval`), `<stage dir>/stats.json` (a stage's own statistics, if it writes one).
-`gspo report OUTPUT_DIR` rebuilds everything from these files.
-
-Table cells, each from the first source that has it (empty when a stage did not measure it): eval.json, then
-stats.json (`rewards/<name>/mean`, else the named key), then the mean over the stage's last 10% of
-metrics.jsonl rows of `rewards/<name>/mean`, where <name> contains
-  accuracy          `accuracy` (named keys: `accuracy`, `pass@1`),
-  format rate       `format` (named key: `format_rate`),
-  alignment reward  `reward_model` (named key: `alignment_reward`).
-A reward_model stage leaves these cells empty (its eval.json is the pairwise accuracy on preference pairs).
-Plots (matplotlib, Agg): reward, accuracy, completion length, clip fraction, expert load (`moe/*`, when
-logged) and SFT loss, one line per stage on a shared optimizer-step axis, stage boundaries marked.
+`gspo report OUTPUT_DIR` rebuilds everything from these files. Where each table cell comes from (`COLUMNS`,
+first source that has it) and which plots are drawn (`PLOTS`): docs/pipeline.md, "The run report".
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """`gspo pipeline`: run stage configs in order, each starting from an earlier stage's output.
 
-The file format is in `gspo.pipeline.pipeline_file`, the wiring of inputs in `gspo.pipeline.wiring`.
-
-Resume: `<output_dir>/manifest.json` records every stage (status pending / running / done / failed, resolved
-config and its hash, wiring, output, times, versions, git commit, summary metrics). Re-running the same
-command skips a `done` stage whose output exists and whose resolved config is unchanged; an interrupted
-`rl` stage resumes from `<stage dir>/checkpoints/latest`; other interrupted stages restart. A finished stage
-whose config changed is an error naming the changed keys, unless `rerun=True` (`--rerun`): it then runs
-again, and so does every stage after it (their inputs changed).
+The file format is in `gspo.pipeline.pipeline_file`, the wiring of inputs in `gspo.pipeline.wiring`. Every
+stage is recorded in `<output_dir>/manifest.json`; what a re-run skips, resumes, restarts or refuses
+(`--rerun`) is `plan_stage`'s answer (docs/pipeline.md, "Manifest, resume, changed configs").
 """
 
 from __future__ import annotations
@@ -172,10 +167,8 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
                          owner=owner)
         # Every later stage depends on this one: none of them counts as done any more (also if this run is
         # killed before reaching them).
-        later = manifest["stages"][manifest["stages"].index(entry) + 1:]
-        for e in later:
-            if e.get("status") != "pending":
-                e["status"] = "pending"
+        for e in manifest["stages"][manifest["stages"].index(entry) + 1:]:
+            e["status"] = "pending"
         entry.clear()
         entry.update({"name": st.spec.name, "type": st.type, "status": "running", "config": cfg.to_dict(),
                       "config_hash": config_hash(cfg), "config_file": st.spec.config,

@@ -1,22 +1,9 @@
 """Each stage's config with its inputs wired to earlier stages' outputs, checked before anything runs.
 
-Wiring (the default, from each stage type's `StageSpec`; every wired key is printed and stored in the
-manifest):
-  - `model.name_or_path` of a stage that consumes a policy (sft, rl, rejection_sampling) = the output of the
-    nearest earlier stage that produces one (sft, rl);
-  - `data.path` of a stage that consumes data (sft) = the output of the nearest earlier stage producing data
-    (rejection_sampling), when no other data consumer lies between them (CONSUMED_ONCE);
-  - `rewards.<i>.kwargs.model_path` of every `reward_model` reward = the output of the nearest earlier
-    stage producing a reward model (reward_model).
-  `input: {model: S, data: S, reward_model: S}` picks the source stage of each (`from: S` = `model: S`,
-  a bare `input: S` too); `null` switches that wiring off, keeping the config's own value.
-
-Evaluation (`eval: true` or `eval: {overrides: [...]}` on a stage): `gspo.training.evaluation.run_eval` on the stage's
-output, with the root `eval.config` (else the stage's own resolved config), the root and stage eval overrides,
-and its `reward_model` rewards wired to the nearest reward_model stage at or before this one.
-
-Precedence inside one stage: stage config file < wiring < the stage's `overrides` < command-line
-`stages.<stage>.<key>=value`. Root overrides: `output_dir=...`, `name=...`.
+The defaults come from each stage type's `StageSpec` (what it consumes and produces): a consumed artifact kind
+is wired from the nearest earlier stage producing it; `input:` picks other sources or switches a wiring off.
+The table, `input:`, evaluation and precedence: docs/pipeline.md ("Wiring", "Overrides"). Every wired key is
+printed and stored in the manifest.
 """
 
 from __future__ import annotations
@@ -30,15 +17,12 @@ from gspo.config import Config, ConfigError, apply_overrides, check_config, read
 from gspo.pipeline.pipeline_file import Pipeline, StageEntry
 from gspo.registry import STAGES, StageSpec
 
-# What each stage type consumes and produces comes from its `gspo.registry.StageSpec`.
 # Artifact kinds that feed only the first consumer after their producer: rejection-sampled data is the SFT data
 # of the next `sft` stage, not of every later one. (A policy or a reward model feeds every later consumer.)
 CONSUMED_ONCE = ("data",)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Wiring and resolved stage configs
-# ----------------------------------------------------------------------------------------------------------
+# -- Wiring and resolved stage configs -----------------------------------------------------------------------
 
 
 @dataclass

@@ -98,17 +98,9 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-def assemble_batch(
-    prompt_ids: list[list[int]],
-    completions: list[list[int]],
-    logps: list[list[float]] | None,
-    finish_reasons: list[str],
-    texts: list[str],
-    *,
-    group_size: int,
-    pad_token_id: int,
-    **extras: Any,
-) -> RolloutBatch:
+def assemble_batch(prompt_ids: list[list[int]], completions: list[list[int]], logps: list[list[float]] | None,
+                   finish_reasons: list[str], texts: list[str], *, group_size: int, pad_token_id: int,
+                   **extras: Any) -> RolloutBatch:
     """Pad N prompt-major completions (token lists, sampler logprobs) into a `RolloutBatch`.
 
     Every engine ends with this call, so the padding/mask/ordering rules live in one place.
@@ -125,16 +117,9 @@ def assemble_batch(
         mask[i, : len(ids)] = 1.0
         if logp is not None:
             logp[i, : len(ids)] = torch.tensor(logps[i], dtype=torch.float32)
-    return RolloutBatch(
-        prompt_ids=[list(p) for p in prompt_ids],
-        completion_ids=completion_ids,
-        mask=mask,
-        logp=logp,
-        finish_reasons=list(finish_reasons),
-        completions=list(texts),
-        group_size=group_size,
-        extras=dict(extras),
-    )
+    return RolloutBatch(prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids, mask=mask,
+                        logp=logp, finish_reasons=list(finish_reasons), completions=list(texts),
+                        group_size=group_size, extras=dict(extras))
 
 
 def derive_seed(seed: int | None, prompt_index: int, group_size: int) -> int | None:

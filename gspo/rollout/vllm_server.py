@@ -1,32 +1,14 @@
 """vLLM in its own process (`rollout.engine=vllm_server`): a small HTTP server around the colocated engine, and
-the trainer-side client engine that talks to it.
+the trainer-side client engine that talks to it (docs/rollout.md, "vllm_server and asynchronous rollouts").
 
-Server (`gspo serve CONFIG`, or started by `gspo train` with `rollout.server_launch=true`, or
-`python -m gspo.rollout.server --model PATH ...`, in `gspo.rollout.server`): one process holds a `VLLMColocateEngine` (in-process
-vLLM, with its sizing, shims and verified reload) and answers, one request at a time:
-- `GET /health`: server id (new at every start), weights version, model, dtype, max_model_len;
-- `POST /generate`: prompt token ids and a `SamplingSpec` -> completions, token ids, the sampler's logprobs,
-  finish reasons. The same engine code with the same per-prompt seeds (`derive_seed`) as `vllm_colocate`, so
-  a synchronous run reproduces the colocated engine's rollouts;
-- `POST /update_weights`: a folder of per-layer safetensors buckets (layer order, `weight_sync.
-  checkpoint_buckets`), reloaded through `weight_sync.reload_checkpoint_buckets` (every engine parameter must
-  receive a value, else `StaleWeightsError` -> HTTP 500), then `reset_prefix_cache`;
-- `POST /shutdown`.
-
-Transport. The trainer writes one safetensors file per decoder layer into a folder on the same host
-(/dev/shm where it exists), the server reads them in order while reloading, and the trainer deletes them when
-the server answers. It works on CPU and GPU alike (on GPU through host memory).
-
-Why not TRL's `trl vllm-serve` / `VLLMClient` (TRL 1.16, read against vLLM 0.32). `trl vllm-serve` runs
-vLLM's own OpenAI server with `--weight-transfer-config '{"backend": "nccl"}'` and `--logprobs-mode
-processed_logprobs`; `VLLMClient` pushes weights through vLLM's weight-transfer API
-(`vllm/distributed/weight_transfer`). Every backend vLLM 0.32 registers there (nccl, ipc = CUDA IPC,
-sparse_nccl, sharded_rdt, modelexpress) needs CUDA, so nothing of it runs on CPU (CI); the transfer writes into
-the engine's parameters without the reload's per-layer post-load processing, so the CPU MoE re-pack shim
-(`vllm_compat`) and the stale-weight check (`weight_sync.stale_parameters`) would not apply; and
-`VLLMClient.generate` takes no seed, so its rollouts cannot reproduce the colocated engine's for the same
-seeds. A few dozen lines of stdlib HTTP around the engine this project already verifies keep both engines'
-rollouts identical. On GPU, vLLM's NCCL weight-transfer engine is the transport to add next (not built yet).
+The server (`gspo serve CONFIG`, or started by `gspo train` with `rollout.server_launch=true`; in
+`gspo.rollout.server`) holds a `VLLMColocateEngine` and answers `GET /health` (server id, new at every start;
+weights version), `POST /generate` (the colocated engine's code and per-prompt seeds, so a synchronous run
+reproduces its rollouts), `POST /update_weights` (a folder of per-layer safetensors buckets on the same host,
+/dev/shm where it exists, reloaded through `weight_sync.reload_checkpoint_buckets`; a stale parameter is an
+HTTP 500) and `POST /shutdown`. Why not TRL's `trl vllm-serve` / `VLLMClient`: every weight-transfer backend
+of vLLM 0.32 needs CUDA, the transfer bypasses the reload's post-load processing (the MoE re-pack shim, the
+stale-weight check), and its generate takes no seed.
 
 Failures. Every request has `rollout.server_timeout` seconds; a refused connection, a timeout, a dead process or
 an error answer raise `RolloutServerError` with one line (URL, what failed, what to do). A server that restarted

@@ -50,18 +50,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    output_dir: str,
-    rollout: int,
-    *,
-    model: Any,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    trainer_state: dict[str, Any],
-    keep: int = 2,
-    lora_save: str = "both",
-) -> str:
+def save_checkpoint(output_dir: str, rollout: int, *, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer_state: dict[str, Any], keep: int = 2, lora_save: str = "both") -> str:
     """Write checkpoint `rollout-<rollout>` atomically and point `latest` at it. Returns its path.
 
     A LoRA (peft) policy writes `adapter/` and/or `model/` (merged) per `lora_save` (gspo.models.lora).

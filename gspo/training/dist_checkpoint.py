@@ -43,7 +43,8 @@ import torch
 
 from gspo.models import lora
 from gspo.models.policy import SHARDED_DIR, is_sharded_checkpoint
-from gspo.models.provenance import write_provenance
+from gspo.models.provenance import _unwrap, write_provenance
+from gspo.rollout.weight_sync import full_tensor as _full
 from gspo.training.checkpoint import (
     CHECKPOINTS,
     _fsync_dir,
@@ -52,6 +53,7 @@ from gspo.training.checkpoint import (
     set_rng_state,
     write_error,
 )
+from gspo.training.distributed import Dist, all_gather_objects, barrier
 
 DIST_INFO = "distributed.json"
 FORMAT = "torch.distributed.checkpoint"
@@ -62,69 +64,39 @@ MAX_SHARD_BYTES = 5 * 2**30
 _LAYER = re.compile(r"^(.*?\blayers\.\d+)\.")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Process group helpers: with no process group every call is the one-process answer.
-# ----------------------------------------------------------------------------------------------------------
+# -- Process group helpers: with no process group every call is the one-process answer. ----------------------
 
 
-def _dist():
+def _here() -> Dist:
+    """This process's place in the process group: `Dist()` (one process) when there is none."""
     import torch.distributed as dist
 
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d else 0
-
-
-def _world() -> int:
-    d = _dist()
-    return d.get_world_size() if d else 1
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d:
-        d.barrier()
-
-
-def _gather(obj: Any) -> list[Any]:
-    d = _dist()
-    if not d:
-        return [obj]
-    out: list[Any] = [None] * d.get_world_size()
-    d.all_gather_object(out, obj)
-    return out
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_world_size(), dist.get_rank())
 
 
 def _broadcast(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
-    d = _dist()
-    if not d:
+    if not _here().sharded:
         return obj
+    import torch.distributed as dist
+
     box = [obj]
-    d.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def _agree(error: BaseException | None, what: str) -> None:
     """Collective: raise on every rank when any rank failed (its own exception where it failed, a RuntimeError
     naming the failing rank elsewhere), so no rank is left waiting in a later collective."""
-    errors = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    errors = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}", _here())
     if error is not None:
         raise error
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:
         r, e = bad[0]
         raise RuntimeError(f"{what} failed on rank {r}: {e}")
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a DTensor shard (a collective), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _options(model: torch.nn.Module):
@@ -152,9 +124,7 @@ def _hook_before_publish(tmp: str) -> None:
     replaces it to simulate a crash at exactly that point)."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Save / load
-# ----------------------------------------------------------------------------------------------------------
+# -- Save / load ---------------------------------------------------------------------------------------------
 
 
 def save_distributed_checkpoint(output_dir: str, rollout: int, *, model: torch.nn.Module,
@@ -165,7 +135,7 @@ def save_distributed_checkpoint(output_dir: str, rollout: int, *, model: torch.n
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    rank = _rank()
+    rank = _here().rank
     root = os.path.join(output_dir, CHECKPOINTS)
     name = f"rollout-{rollout:06d}"
     final = os.path.join(root, name)
@@ -193,7 +163,7 @@ def save_distributed_checkpoint(output_dir: str, rollout: int, *, model: torch.n
                 save_sharded_adapter(model, tokenizer, os.path.join(tmp, lora.ADAPTER_DIR))
             if lora_save in ("merged", "both"):
                 save_consolidated(model, tokenizer, os.path.join(tmp, lora.MERGED_DIR))
-        rngs = _gather(rng_state())
+        rngs = all_gather_objects(rng_state(), _here())
         error = None
         if rank == 0:
             try:
@@ -201,7 +171,7 @@ def save_distributed_checkpoint(output_dir: str, rollout: int, *, model: torch.n
                 torch.save(rngs, os.path.join(tmp, "rng.pt"))
                 tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
                 with open(os.path.join(tmp, DIST_INFO), "w", encoding="utf-8") as f:
-                    json.dump({"format": FORMAT, "world_size": _world(), "lora": is_lora}, f, indent=1)
+                    json.dump({"format": FORMAT, "world_size": _here().world, "lora": is_lora}, f, indent=1)
                 with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
                     json.dump(trainer_state, f, indent=1)
                 _fsync_dir(tmp)
@@ -213,10 +183,10 @@ def save_distributed_checkpoint(output_dir: str, rollout: int, *, model: torch.n
             shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
         raise write_error(e, final) from e
     _hook_before_publish(tmp)
-    _barrier()  # every rank's shards are on disk before the rename makes them the checkpoint
+    barrier(_here())  # every rank's shards are on disk before the rename makes them the checkpoint
     if rank == 0:
         publish(root, tmp, name, keep)
-    _barrier()  # no rank returns (and maybe resumes from `latest`) before it names this checkpoint
+    barrier(_here())  # no rank returns (and maybe resumes from `latest`) before it names this checkpoint
     return final
 
 
@@ -254,20 +224,12 @@ def load_distributed_checkpoint(path: str, *, model: torch.nn.Module, optimizer:
                    options=options)
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     rngs = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
-    set_rng_state(rngs[_rank() % len(rngs)])
+    set_rng_state(rngs[_here().rank % len(rngs)])
     with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Consolidated HF folders
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+# -- Consolidated HF folders ---------------------------------------------------------------------------------
 
 
 def _plan(hf: torch.nn.Module, raw: dict[str, torch.Tensor]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -317,9 +279,9 @@ def consolidated_items(model: torch.nn.Module) -> Iterator[dict[str, torch.Tenso
     is_lora = lora.is_lora(model)
     hf = lora.hf_model_of(model) if is_lora else _unwrap(model)
     raw = hf.state_dict()
-    plan = _broadcast(_plan(hf, raw) if _rank() == 0 else None)
+    plan = _broadcast(_plan(hf, raw) if _here().main else None)
     adapted = dict(lora._lora_layers(hf)) if is_lora else {}
-    rank0 = _rank() == 0
+    rank0 = _here().main
     with torch.no_grad():
         for _, entries in plan:
             group = {key: _full(raw[name].detach()) for key, name in entries}
@@ -390,7 +352,7 @@ def save_consolidated(model: torch.nn.Module, tokenizer: Any, directory: str, *,
     model. A LoRA (peft) policy is written merged under the base model's names. Returns `directory`."""
     is_lora = lora.is_lora(model)
     hf = lora.hf_model_of(model) if is_lora else _unwrap(model)
-    rank0 = _rank() == 0
+    rank0 = _here().main
     writer = None
     error: BaseException | None = None
     if rank0:
@@ -435,7 +397,7 @@ def save_sharded_adapter(model: torch.nn.Module, tokenizer: Any, directory: str)
     `gspo.models.lora.save_adapter`) of a (possibly sharded) LoRA policy; only the adapter factors are
     gathered, one at a time."""
     root = lora._peft_root(model)
-    rank0 = _rank() == 0
+    rank0 = _here().main
     full = {}
     for name, t in root.state_dict().items():
         if any(part.startswith("lora_") for part in name.split(".")):

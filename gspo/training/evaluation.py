@@ -1,13 +1,9 @@
 """Evaluation: pass@1 / pass@k over n samples per prompt, and the sample-and-score loop it shares with the
 `rejection_sampling` stage.
 
-`run_eval(cfg)` samples `eval.num_samples` completions per prompt with the configured rollout engine (vLLM by
-default), scores them with `rewards`, and reports
-- `pass@k` for every k in `eval.k`: the unbiased estimator of Chen et al. 2021 (Eq. 1), averaged over prompts;
-  a sample passes when the reward named by `eval.pass_reward` is >= `eval.pass_threshold`;
-- `rewards/<name>/mean` for every reward (accuracy, format rate, a reward model's score, ...), `reward/mean`
-  (their weighted sum) and `completions/mean_length` (tokens);
-and writes them to `<output_dir>/eval.json`.
+`run_eval(cfg)` samples `eval.num_samples` completions per prompt with the configured rollout engine, scores
+them with `rewards`, and writes `pass@k` (Chen et al. 2021, Eq. 1), the mean of every reward and the lengths to
+`<output_dir>/eval.json` (docs/stages.md, "Evaluation").
 """
 
 from __future__ import annotations
@@ -45,9 +41,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sample and score (shared with the rejection_sampling stage)
-# ----------------------------------------------------------------------------------------------------------
+# -- Sample and score (shared with the rejection_sampling stage) ---------------------------------------------
 
 
 @dataclass
@@ -151,9 +145,7 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-# ----------------------------------------------------------------------------------------------------------
-# run_eval
-# ----------------------------------------------------------------------------------------------------------
+# -- run_eval ------------------------------------------------------------------------------------------------
 
 
 def run_eval(cfg: Any, *, model_path: str | None = None, output_dir: str | None = None) -> dict[str, Any]:
@@ -195,12 +187,8 @@ def summarize(cfg: Any, scored: Scored) -> dict[str, Any]:
     n = e.num_samples
     # NaN (abstained / skipped) never passes: >= is False for NaN.
     passes = [sum(v >= e.pass_threshold for v in values[b * n:(b + 1) * n]) for b in range(len(rows))]
-    result: dict[str, Any] = {
-        "num_prompts": len(rows),
-        "num_samples": n,
-        "pass_reward": pass_name,
-        "pass_threshold": e.pass_threshold,
-    }
+    result: dict[str, Any] = {"num_prompts": len(rows), "num_samples": n, "pass_reward": pass_name,
+                              "pass_threshold": e.pass_threshold}
     for k in e.k:
         if not 1 <= k <= n:
             raise ValueError(f"eval.k contains {k}; every k must be in 1..eval.num_samples={n}")

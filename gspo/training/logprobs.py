@@ -109,22 +109,11 @@ def _chunk_logp(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.M
     return out - logp.masked_fill(~kept, float("-inf")).logsumexp(dim=-1)
 
 
-def completion_logprobs(
-    model: torch.nn.Module,
-    prompt_ids: list[list[int]],
-    completion_ids: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    group_size: int,
-    pad_token_id: int,
-    chunk_size: int = 8,
-    temperature: float = 1.0,
-    top_k: int = -1,
-    top_p: float = 1.0,
-    output_router_logits: bool = False,
-    return_outputs: bool = False,
-    prompt_len: int | None = None,
-) -> torch.Tensor | CompletionForward:
+def completion_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
+                        mask: torch.Tensor, *, group_size: int, pad_token_id: int, chunk_size: int = 8,
+                        temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0,
+                        output_router_logits: bool = False, return_outputs: bool = False,
+                        prompt_len: int | None = None) -> torch.Tensor | CompletionForward:
     """log π_θ(y_{i,t} | x_i, y_{i,<t}) / for every completion token: [N, T] float32, 0 where mask == 0.
 
     prompt_ids: B unpadded prompts; completion_ids, mask: [N, T] with N = B * group_size, prompt-major

@@ -1,22 +1,9 @@
 """The `rejection_sampling` stage: sample k completions per prompt, keep the good ones, write an SFT dataset.
 
-DeepSeek-R1's third stage: the RL model's own best answers become supervised data. For every prompt of `data`
-the rollout engine (`rollout` section; vLLM by default) samples k = rollout.group_size completions; `rewards`
-score them (weighted sum). A completion is accepted, in this order of checks, when it
-1. finished by itself (`rejection.drop_truncated`: not cut off at rollout.max_new_tokens),
-2. has rejection.min_tokens <= length <= rejection.max_tokens tokens,
-3. reaches the threshold: summed reward >= rejection.min_reward (NaN = every reward abstained: rejected),
-4. is not a duplicate of an accepted completion of the same prompt (`rejection.dedup`, stripped text),
-5. ranks among the rejection.best_of highest rewards of its prompt (when best_of > 0; ties keep sample order).
-Optionally general SFT rows are mixed in, mix_ratio per accepted row: drawn from rejection.mix_path, or the
-reference completions of a task (rejection.mix_task), as DeepSeek-R1 stage 3 adds non-reasoning SFT data.
-
-Writes, under output_dir:
-- `data.jsonl`: one `{"prompt", "completion", "reward", "source"}` row per kept sample (source
-  `rejection_sampling` or `mix`); the `sft` stage reads it with `data.path: <output_dir>/data.jsonl`;
-- `stats.json`: counts, acceptance rate overall and per prompt, mean reward of all and of accepted samples,
-  rejection counts per reason.
-Returns the path of data.jsonl.
+DeepSeek-R1's third stage: the RL model's own best answers become supervised data. k = rollout.group_size
+completions per prompt of `data`, scored by `rewards` (weighted sum); the acceptance checks, in the order
+`select` applies them, the mixing of general rows and the files written (`data.jsonl`, which the `sft` stage
+reads, and `stats.json`) are in docs/stages.md. Returns the path of data.jsonl.
 """
 
 from __future__ import annotations
@@ -121,18 +108,11 @@ def run_rejection_sampling(cfg: Any) -> str:
     n = scored.n
     kept_rewards = [scored.rewards[i] for idx in accepted for i in idx]
     stats = {
-        "model": path,
-        "num_prompts": len(rows),
-        "samples_per_prompt": n,
-        "num_samples": len(scored.completions),
-        "num_accepted": num_accepted,
-        "num_mixed": len(data) - num_accepted,
-        "num_rows": len(data),
+        "model": path, "num_prompts": len(rows), "samples_per_prompt": n, "num_samples": len(scored.completions),
+        "num_accepted": num_accepted, "num_mixed": len(data) - num_accepted, "num_rows": len(data),
         "acceptance_rate": num_accepted / len(scored.completions),
-        "prompts_with_accepted": sum(1 for idx in accepted if idx),
-        "mean_reward": _mean(scored.rewards),
-        "mean_reward_accepted": _mean(kept_rewards),
-        **scored.metrics,
+        "prompts_with_accepted": sum(1 for idx in accepted if idx), "mean_reward": _mean(scored.rewards),
+        "mean_reward_accepted": _mean(kept_rewards), **scored.metrics,
         "rejected": rejected,
         "per_prompt": [{"prompt": row["prompt"], "accepted": len(idx), "sampled": n, "acceptance_rate": len(idx) / n,
                         "mean_reward": _mean(scored.rewards[b * n:(b + 1) * n])}

@@ -1,18 +1,10 @@
 """The `reward_model` stage: a sequence-classification reward model trained on preference pairs (TRL RewardTrainer).
 
-Pairs: a task with `preference_rows()` (`data.task: add_concise`) or a JSONL / HF dataset (`data.path`) with
-`prompt`, `chosen`, `rejected` columns (strings or chat messages). They become conversational pairs, so the
-model sees prompt + answer through its chat template, exactly as the `reward_model` reward
-(rewards/reward_model.py) formats them when it scores completions later.
-
-Model: `model.name_or_path: tiny:<family>` builds a tiny `AutoModelForSequenceClassification` (num_labels=1)
-from that family's config and the local tokenizer (`model.tiny` overrides sizes); any other value is a local or
-hub checkpoint loaded with a new scalar head (the usual start: the SFT policy).
-
-Loss: Bradley-Terry, -log sigmoid(r(chosen) - r(rejected)) (TRL; InstructGPT Eq. 1). A share
-`reward_model.eval_fraction` of the pairs is held out; the pairwise accuracy there (chosen scored above
-rejected) is written to metrics.jsonl (`eval/accuracy`) and `eval.json`. Writes `OUTPUT_DIR/final` (model +
-tokenizer) and returns it: the `reward_model` reward's `model_path`.
+Pairs, model, training and the held-out check: docs/stages.md. The pairs become conversations, so the model
+sees prompt + answer through its chat template exactly as the `reward_model` reward (rewards/reward_model.py)
+formats them when it scores completions later. Loss: Bradley-Terry, -log sigmoid(r(chosen) - r(rejected))
+(TRL; InstructGPT Eq. 1). Writes `OUTPUT_DIR/final` (model + tokenizer) and returns it: the `reward_model`
+reward's `model_path`.
 """
 
 from __future__ import annotations

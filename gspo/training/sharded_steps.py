@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def global_reward_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
     """rewards/<name>/* over the global batch from every rank's RewardSet result: mean, std and abstain rate
-    recomputed on the gathered values (as gspo/rewards.py computes them), errors summed; what a function
+    recomputed on the gathered values (as gspo/rewards/running.py computes them), errors summed; what a function
     logged itself (`log_metric`) is the mean of the ranks' values."""
     out: dict[str, float] = {}
     for key in parts[0]["metrics"]:

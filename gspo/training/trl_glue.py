@@ -22,28 +22,15 @@ def common_args(cfg: Any, stage: Any) -> dict[str, Any]:
 
     o = cfg.optim
     return {
-        "output_dir": os.path.join(cfg.output_dir, "trl"),
-        "num_train_epochs": stage.num_epochs,
-        "max_steps": stage.max_steps,
-        "per_device_train_batch_size": stage.batch_size,
-        "max_length": stage.max_length,
-        "learning_rate": o.lr,
-        "weight_decay": o.weight_decay,
-        "adam_beta1": o.adam_beta1,
-        "adam_beta2": o.adam_beta2,
-        "adam_epsilon": o.adam_eps,
-        "max_grad_norm": o.max_grad_norm,
-        "lr_scheduler_type": scheduler_name(o),
-        "warmup_steps": o.warmup_steps,
-        "logging_steps": max(1, cfg.logging.log_every),
-        "save_strategy": "no",
-        "report_to": list(cfg.logging.trackers) or "none",
-        "seed": cfg.seed,
-        "data_seed": cfg.seed,
-        "use_cpu": not torch.cuda.is_available(),
-        "bf16": cfg.model.dtype == "bfloat16",
-        "disable_tqdm": not cfg.logging.progress,
-        "dataset_num_proc": None,
+        "output_dir": os.path.join(cfg.output_dir, "trl"), "num_train_epochs": stage.num_epochs,
+        "max_steps": stage.max_steps, "per_device_train_batch_size": stage.batch_size,
+        "max_length": stage.max_length, "learning_rate": o.lr, "weight_decay": o.weight_decay,
+        "adam_beta1": o.adam_beta1, "adam_beta2": o.adam_beta2, "adam_epsilon": o.adam_eps,
+        "max_grad_norm": o.max_grad_norm, "lr_scheduler_type": scheduler_name(o), "warmup_steps": o.warmup_steps,
+        "logging_steps": max(1, cfg.logging.log_every), "save_strategy": "no",
+        "report_to": list(cfg.logging.trackers) or "none", "seed": cfg.seed, "data_seed": cfg.seed,
+        "use_cpu": not torch.cuda.is_available(), "bf16": cfg.model.dtype == "bfloat16",
+        "disable_tqdm": not cfg.logging.progress, "dataset_num_proc": None,
     }
 
 
