@@ -12,8 +12,11 @@ ENVS = (vllm_compat.V2_RUNNER_ENV, vllm_compat.FLASHINFER_SAMPLER_ENV)
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # setenv first so monkeypatch records the original value (or its absence) and restores it afterwards, also
+    # for what the function under test writes into os.environ: a leaked V2 request breaks later CPU engines.
     for k in ENVS:
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     return monkeypatch
 
 
