@@ -21,13 +21,14 @@ def clean_env(monkeypatch):
 
 
 def test_gpu_asks_for_v2_and_skips_the_flashinfer_probe(clean_env):
-    assert vllm_compat.use_v2_model_runner(on_gpu=True) is True
+    assert vllm_compat.use_v2_model_runner(on_gpu=True, has_triton=True) is True
     assert os.environ[vllm_compat.V2_RUNNER_ENV] == "1"
     assert os.environ[vllm_compat.FLASHINFER_SAMPLER_ENV] == "0"
 
 
-def test_cpu_changes_nothing(clean_env):
-    assert vllm_compat.use_v2_model_runner(on_gpu=False) is False
+@pytest.mark.parametrize(("on_gpu", "has_triton"), [(False, True), (True, False)])
+def test_cpu_or_no_triton_changes_nothing(clean_env, on_gpu, has_triton):
+    assert vllm_compat.use_v2_model_runner(on_gpu=on_gpu, has_triton=has_triton) is False
     assert not any(k in os.environ for k in ENVS)
 
 
@@ -35,6 +36,6 @@ def test_cpu_changes_nothing(clean_env):
 def test_the_users_choice_wins(clean_env, choice):
     clean_env.setenv(vllm_compat.V2_RUNNER_ENV, choice)
     clean_env.setenv(vllm_compat.FLASHINFER_SAMPLER_ENV, "1")
-    assert vllm_compat.use_v2_model_runner(on_gpu=True) is False
+    assert vllm_compat.use_v2_model_runner(on_gpu=True, has_triton=True) is False
     assert os.environ[vllm_compat.V2_RUNNER_ENV] == choice
     assert os.environ[vllm_compat.FLASHINFER_SAMPLER_ENV] == "1"

@@ -275,13 +275,16 @@ V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 FLASHINFER_SAMPLER_ENV = "VLLM_USE_FLASHINFER_SAMPLER"
 
 
-def use_v2_model_runner(*, on_gpu: bool) -> bool:
+def use_v2_model_runner(*, on_gpu: bool, has_triton: bool | None = None) -> bool:
     """Ask vLLM for its V2 model runner on GPU (before the engine is built), unless the user's environment
-    already chose (`VLLM_USE_V2_MODEL_RUNNER=0` keeps V1). The CPU platform has one runner: nothing to do.
-    Returns whether V2 was requested here."""
+    already chose (`VLLM_USE_V2_MODEL_RUNNER=0` keeps V1) or Triton is missing (V2 refuses to start without
+    it). The CPU platform has one runner: nothing to do. Returns whether V2 was requested here."""
+    import importlib.util
     import os
 
-    if not on_gpu or os.environ.get(V2_RUNNER_ENV) is not None:
+    if has_triton is None:
+        has_triton = importlib.util.find_spec("triton") is not None
+    if not on_gpu or not has_triton or os.environ.get(V2_RUNNER_ENV) is not None:
         return False
     os.environ[V2_RUNNER_ENV] = "1"
     os.environ.setdefault(FLASHINFER_SAMPLER_ENV, "0")
