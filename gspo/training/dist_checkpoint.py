@@ -52,6 +52,7 @@ from gspo.training.checkpoint import (
     set_rng_state,
     write_error,
 )
+from gspo.training.distributed import PeerFailed
 
 DIST_INFO = "distributed.json"
 FORMAT = "torch.distributed.checkpoint"
@@ -109,7 +110,7 @@ def _broadcast(obj: Any) -> Any:
 
 
 def _agree(error: BaseException | None, what: str) -> None:
-    """Collective: raise on every rank when any rank failed (its own exception where it failed, a RuntimeError
+    """Collective: raise on every rank when any rank failed (its own exception where it failed, `PeerFailed`
     naming the failing rank elsewhere), so no rank is left waiting in a later collective."""
     errors = _gather(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
@@ -117,7 +118,7 @@ def _agree(error: BaseException | None, what: str) -> None:
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:
         r, e = bad[0]
-        raise RuntimeError(f"{what} failed on rank {r}: {e}")
+        raise PeerFailed(f"{what} failed on rank {r}: {e}")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

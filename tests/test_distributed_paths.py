@@ -1,0 +1,158 @@
+"""Options of the rl stage on two real processes (torchrun, gloo on CPU, FSDP2) against one process, beyond the
+default path of test_distributed_rl.py: the KL term (a sharded reference model; LoRA's adapter-disabled
+reference), R2 routing replay, π_old from the engine, periodic evaluation, trackers; and a failure on one rank
+only, which must stop every rank at once with its one-line error."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from test_distributed_rl import (
+    LAUNCH_VARS,
+    _check,
+    _write_config,
+    assert_same_weights,
+    final_weights,
+    metrics,
+    run_gspo,
+    start_weights,
+)
+
+from gspo.models.loading import build_tiny_model
+
+
+@pytest.mark.timeout(600)
+def test_kl_reference_and_r2_replay_on_two_processes_equal_one(tmp_path):
+    """algorithm.beta > 0 (a second model, sharded like the policy, gives the reference log-probs of each
+    rank's rows) with R2 replay of π_old's experts (records gathered over the ranks, replayed for each rank's
+    rows of a minibatch) under token-level GRPO: every logged number and the final weights match one process."""
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", loss="grpo", rollouts=2)
+    opts = ("algorithm.beta=0.1", "moe.routing_replay=r2")
+    r2 = run_gspo(config, tmp_path / "two", 2, *opts)
+    r1 = run_gspo(config, tmp_path / "one", 1, *opts)
+    one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
+    # The KL term and the replay were in effect (and so compared): a non-zero KL once the policy moved, the
+    # experts used never drift from π_old's under replay while the router's own choice is measured.
+    assert any(r["kl"] > 0 for r in one)
+    assert all(r["moe/routing_drift"] == 0 for r in one) and "moe/router_drift" in one[0]
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), start_weights(model))
+
+
+@pytest.mark.timeout(600)
+def test_lora_kl_reference_on_two_processes_equal_one(tmp_path):
+    """A LoRA policy's KL reference is the policy with its adapters disabled (no second model); on two processes
+    the sharded peft model serves it."""
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
+    opts = ("lora.enabled=true", "optim.lr=3.0e-3", "algorithm.beta=0.1")
+    r2 = run_gspo(config, tmp_path / "two", 2, *opts)
+    r1 = run_gspo(config, tmp_path / "one", 1, *opts)
+    one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
+    assert any(r["kl"] > 0 for r in one)
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), start_weights(model),
+                        moved_frac=0.1)
+
+
+@pytest.mark.timeout(600)
+def test_engine_old_logp_and_periodic_eval_on_two_processes_equal_one(tmp_path):
+    """rollout.old_logp_source=engine with the MoE metrics off (so no trainer π_old pass runs at all: the ratio's
+    denominator is the gathered sampler log-probs), train.eval_every=2 (every rank's engine samples the
+    evaluation, rank 0 logs it), samples every rollout: the same rows, eval/* and samples as one process, each
+    written once."""
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=4)
+    opts = ("rollout.old_logp_source=engine", "moe.metrics=false", "train.eval_every=2", "eval.num_prompts=4",
+            "eval.num_samples=2", "eval.k=[1,2]", "logging.sample_every=1", "logging.num_samples=3")
+    r2 = run_gspo(config, tmp_path / "two", 2, *opts)
+    r1 = run_gspo(config, tmp_path / "one", 1, *opts)
+    one = _check(tmp_path / "one", tmp_path / "two", r1, r2)
+    assert "logp_gap/mean" not in one[0]  # no trainer pass: nothing to compare the engine's log-probs with
+    evals = {r["rollout"]: r["eval/pass@1"] for r in one if "eval/pass@1" in r}
+    assert sorted(evals) == [2, 4]
+    assert [r["step"] for r in metrics(tmp_path / "two")] == list(range(1, 33))
+
+    def samples(out):
+        with open(os.path.join(out, "samples.jsonl"), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    s1, s2 = samples(tmp_path / "one"), samples(tmp_path / "two")
+    assert [s["rollout"] for s in s2] == [r for r in range(1, 5) for _ in range(3)]
+    assert [(s["completion"], s["reward"]) for s in s1] == [(s["completion"], s["reward"]) for s in s2]
+
+
+@pytest.mark.timeout(300)
+def test_tracker_written_once_on_two_processes(tmp_path):
+    """logging.trackers on two processes: one TensorBoard writer (rank 0), one scalar per optimizer step, and the
+    run's config as flat hyperparameters (TensorBoard refuses nested sections)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
+    out = tmp_path / "two"
+    r = run_gspo(config, out, 2, "logging.trackers=[tensorboard]")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    files = glob.glob(str(out / "gspo" / "events.out.tfevents.*"))
+    assert len(files) == 1, files  # written by one process
+    acc = EventAccumulator(files[0])
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 17))
+    assert [e.value for e in acc.Scalars("reward")] == pytest.approx([r["reward"] for r in metrics(out)])
+
+
+REWARD_FAILS_ON_RANK_1 = '''
+import os
+
+def token_mix(prompts, completions, completion_ids, **_):
+    if os.environ["RANK"] == "1":
+        raise ValueError("the grader is unreachable from this host")
+    return [(sum(ids) % 5) / 4.0 for ids in completion_ids]
+'''
+
+
+@pytest.mark.timeout(300)
+def test_reward_failing_on_one_rank_stops_every_rank_with_its_error(tmp_path):
+    """A reward that raises on rank 1 only: both processes stop at once (well under gloo's 30-minute timeout) with
+    status 1 and one `error:` line each, rank 1 its own and rank 0 naming rank 1 and its error, no traceback.
+    The two ranks are started directly (as mpirun would, with no launcher watching to kill the survivor), so
+    each one's exit status and output is its own."""
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
+    (tmp_path / "reward.py").write_text(REWARD_FAILS_ON_RANK_1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1")
+    for v in LAUNCH_VARS:
+        env.pop(v, None)
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-m", "gspo", "train", config, f"output_dir={tmp_path / 'out'}"],
+                              cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    start = time.monotonic()
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    # Both stopped at the first rollout's rewards, not at a timeout: the time is that of loading and sampling.
+    assert time.monotonic() - start < 180
+    errors = []
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 1, (p.returncode, stderr[-3000:])
+        assert "Traceback" not in stderr, stderr[-3000:]
+        errors.append([line for line in stderr.splitlines() if line.startswith("error:")])
+    own = "reward function 'token_mix' raised ValueError: the grader is unreachable from this host"
+    assert len(errors[1]) == 1 and errors[1][0].startswith(f"error: {own}"), errors[1]
+    assert len(errors[0]) == 1 and errors[0][0].startswith(f"error: the rewards failed on rank 1 of 2: {own}"), \
+        errors[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no step was logged past the failure
