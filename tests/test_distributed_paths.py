@@ -88,6 +88,18 @@ def test_engine_old_logp_and_periodic_eval_on_two_processes_equal_one(tmp_path):
     assert [(s["completion"], s["reward"]) for s in s1] == [(s["completion"], s["reward"]) for s in s2]
 
 
+def test_tracker_config_is_flat_with_scalar_values():
+    """What TensorBoard's hparams take (it refused the nested config, so `logging.trackers: [tensorboard]` failed
+    at the start of any rl run); checked without TensorBoard installed."""
+    from gspo.config import Config
+    from gspo.training.metrics_log import tracker_config
+
+    flat = tracker_config(Config().to_dict())
+    assert flat["rollout.group_size"] == Config().rollout.group_size and "algorithm.beta" in flat
+    assert all(type(v) in (bool, int, float, str) for v in flat.values()), \
+        {k: v for k, v in flat.items() if type(v) not in (bool, int, float, str)}
+
+
 @pytest.mark.timeout(300)
 def test_tracker_written_once_on_two_processes(tmp_path):
     """logging.trackers on two processes: one TensorBoard writer (rank 0), one scalar per optimizer step, and the
