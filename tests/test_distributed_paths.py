@@ -120,25 +120,27 @@ def test_tracker_written_once_on_two_processes(tmp_path):
     assert [e.value for e in acc.Scalars("reward")] == pytest.approx([r["reward"] for r in metrics(out)])
 
 
-REWARD_FAILS_ON_RANK_1 = '''
+REWARD_FAILS_ON_ONE_RANK = '''
 import os
 
 def token_mix(prompts, completions, completion_ids, **_):
-    if os.environ["RANK"] == "1":
+    if os.environ["RANK"] == "{rank}":
         raise ValueError("the grader is unreachable from this host")
     return [(sum(ids) % 5) / 4.0 for ids in completion_ids]
 '''
 
 
 @pytest.mark.timeout(300)
-def test_reward_failing_on_one_rank_stops_every_rank_with_its_error(tmp_path):
-    """A reward that raises on rank 1 only: both processes stop at once (well under gloo's 30-minute timeout) with
-    status 1 and one `error:` line each, rank 1 its own and rank 0 naming rank 1 and its error, no traceback.
-    The two ranks are started directly (as mpirun would, with no launcher watching to kill the survivor), so
-    each one's exit status and output is its own."""
+@pytest.mark.parametrize("failing", [1, 0])
+def test_reward_failing_on_one_rank_stops_every_rank_with_its_error(tmp_path, failing):
+    """A reward that raises on one rank only: both processes stop at once (well under gloo's 30-minute timeout)
+    with status 1 and no traceback; the failing rank prints its own `error:` line, rank 0 (when it is not the
+    one) a line naming the failing rank and its error, any other rank nothing. The two ranks are started
+    directly (as mpirun would, with no launcher watching to kill the survivor), so each one's exit status and
+    output is its own."""
     model = build_tiny_model("qwen3_moe", tmp_path / "model")
     config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
-    (tmp_path / "reward.py").write_text(REWARD_FAILS_ON_RANK_1)
+    (tmp_path / "reward.py").write_text(REWARD_FAILS_ON_ONE_RANK.format(rank=failing))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1")
     for v in LAUNCH_VARS:
         env.pop(v, None)
@@ -147,24 +149,34 @@ def test_reward_failing_on_one_rank_stops_every_rank_with_its_error(tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         env["MASTER_PORT"] = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-m", "gspo", "train", config, f"output_dir={tmp_path / 'out'}"],
-                              cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    logs = [tmp_path / f"rank{r}.err" for r in (0, 1)]
     start = time.monotonic()
+    procs = []
+    for r in (0, 1):
+        with open(logs[r], "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gspo", "train", config, f"output_dir={tmp_path / 'out'}"], cwd=REPO,
+                env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"), stdout=subprocess.DEVNULL,
+                stderr=err))
     try:
-        outs = [p.communicate(timeout=240) for p in procs]
+        for p in procs:
+            p.wait(timeout=240)
     finally:
         for p in procs:
             p.kill()
     # Both stopped at the first rollout's rewards, not at a timeout: the time is that of loading and sampling.
     assert time.monotonic() - start < 180
     errors = []
-    for p, (stdout, stderr) in zip(procs, outs):
+    for p, log in zip(procs, logs):
+        stderr = log.read_text()
         assert p.returncode == 1, (p.returncode, stderr[-3000:])
         assert "Traceback" not in stderr, stderr[-3000:]
         errors.append([line for line in stderr.splitlines() if line.startswith("error:")])
     own = "reward function 'token_mix' raised ValueError: the grader is unreachable from this host"
-    assert len(errors[1]) == 1 and errors[1][0].startswith(f"error: {own}"), errors[1]
-    assert len(errors[0]) == 1 and errors[0][0].startswith(f"error: the rewards failed on rank 1 of 2: {own}"), \
-        errors[0]
+    assert len(errors[failing]) == 1 and errors[failing][0].startswith(f"error: {own}"), errors
+    if failing == 1:
+        assert len(errors[0]) == 1 and errors[0][0].startswith(f"error: the rewards failed on rank 1 of 2: {own}"), \
+            errors
+    else:
+        assert errors[1] == [], errors
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no step was logged past the failure
