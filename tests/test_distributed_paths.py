@@ -123,29 +123,22 @@ def test_tracker_written_once_on_two_processes(tmp_path):
 REWARD_FAILS_ON_ONE_RANK = '''
 import os
 
-def token_mix(prompts, completions, completion_ids, **_):
-    if os.environ["RANK"] == "{rank}":
+def token_mix(prompts, completions, completion_ids, trainer_state=None, **_):
+    # trainer_state: given by the training step, not by the periodic evaluation
+    if os.environ["RANK"] == "{rank}" and (trainer_state is None) == {in_eval}:
         raise ValueError("the grader is unreachable from this host")
     return [(sum(ids) % 5) / 4.0 for ids in completion_ids]
 '''
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("failing", [1, 0])
-def test_reward_failing_on_one_rank_stops_every_rank_with_its_error(tmp_path, failing):
-    """A reward that raises on one rank only: both processes stop at once (well under gloo's 30-minute timeout)
-    with status 1 and no traceback; the failing rank prints its own `error:` line, rank 0 (when it is not the
-    one) a line naming the failing rank and its error, any other rank nothing. The two ranks are started
-    directly (as mpirun would, with no launcher watching to kill the survivor), so each one's exit status and
-    output is its own."""
-    model = build_tiny_model("qwen3_moe", tmp_path / "model")
-    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
-    (tmp_path / "reward.py").write_text(REWARD_FAILS_ON_ONE_RANK.format(rank=failing))
+def _two_ranks_directly(tmp_path, config: str, *overrides: str) -> list[tuple[int, str]]:
+    """`gspo train` as ranks 0 and 1 of a two-process launch started directly (as mpirun would, with no launcher
+    watching to kill a survivor): each one's exit status and stderr. Asserts both ended within 180 s."""
+    import socket
+
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1")
     for v in LAUNCH_VARS:
         env.pop(v, None)
-    import socket
-
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         env["MASTER_PORT"] = str(s.getsockname()[1])
@@ -155,28 +148,55 @@ def test_reward_failing_on_one_rank_stops_every_rank_with_its_error(tmp_path, fa
     for r in (0, 1):
         with open(logs[r], "w") as err:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "gspo", "train", config, f"output_dir={tmp_path / 'out'}"], cwd=REPO,
-                env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"), stdout=subprocess.DEVNULL,
-                stderr=err))
+                [sys.executable, "-m", "gspo", "train", config, f"output_dir={tmp_path / 'out'}", *overrides],
+                cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"),
+                stdout=subprocess.DEVNULL, stderr=err))
     try:
         for p in procs:
             p.wait(timeout=240)
     finally:
         for p in procs:
             p.kill()
-    # Both stopped at the first rollout's rewards, not at a timeout: the time is that of loading and sampling.
+    # Stopped at the failure, not at a timeout: the time is that of loading and a rollout or two.
     assert time.monotonic() - start < 180
+    return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+
+
+def _assert_stopped_together(results, failing: int, what: str) -> None:
     errors = []
-    for p, log in zip(procs, logs):
-        stderr = log.read_text()
-        assert p.returncode == 1, (p.returncode, stderr[-3000:])
+    for rc, stderr in results:
+        assert rc == 1, (rc, stderr[-3000:])
         assert "Traceback" not in stderr, stderr[-3000:]
         errors.append([line for line in stderr.splitlines() if line.startswith("error:")])
     own = "reward function 'token_mix' raised ValueError: the grader is unreachable from this host"
     assert len(errors[failing]) == 1 and errors[failing][0].startswith(f"error: {own}"), errors
     if failing == 1:
-        assert len(errors[0]) == 1 and errors[0][0].startswith(f"error: the rewards failed on rank 1 of 2: {own}"), \
+        assert len(errors[0]) == 1 and errors[0][0].startswith(f"error: {what} failed on rank 1 of 2: {own}"), \
             errors
     else:
         assert errors[1] == [], errors
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("failing", [1, 0])
+def test_reward_failing_on_one_rank_stops_every_rank_with_its_error(tmp_path, failing):
+    """A reward that raises on one rank only: both processes stop at once (well under gloo's 30-minute timeout)
+    with status 1 and no traceback; the failing rank prints its own `error:` line, rank 0 (when it is not the
+    one) a line naming the failing rank and its error, any other rank nothing."""
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
+    (tmp_path / "reward.py").write_text(REWARD_FAILS_ON_ONE_RANK.format(rank=failing, in_eval=False))
+    _assert_stopped_together(_two_ranks_directly(tmp_path, config), failing, "the rewards")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no step was logged past the failure
+
+
+@pytest.mark.timeout(300)
+def test_evaluation_reward_failing_on_one_rank_stops_every_rank(tmp_path):
+    """The same for the periodic evaluation's rewards (every rank samples and scores the evaluation prompts): the
+    failure at the first evaluation stops both before the next chunk's sampling."""
+    model = build_tiny_model("qwen3_moe", tmp_path / "model")
+    config = _write_config(tmp_path, model, engine="hf_generate", rollouts=2)
+    (tmp_path / "reward.py").write_text(REWARD_FAILS_ON_ONE_RANK.format(rank=1, in_eval=True))
+    results = _two_ranks_directly(tmp_path, config, "train.eval_every=1", "eval.num_prompts=4",
+                                  "rollout.prompts_per_step=2", "eval.num_samples=2", "eval.k=[1]")
+    _assert_stopped_together(results, 1, "the evaluation's rewards")
