@@ -407,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         # traceback only with --debug.
         if debug:
             raise
-        print(f"error: {describe_error(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        from gspo.training.distributed import PeerFailed
+
+        # Another process failed and printed its own line; rank 0 names it once for the whole launch.
+        if not isinstance(e, PeerFailed) or launch_rank() == 0:
+            print(f"error: {describe_error(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -416,8 +420,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gspo.pipeline import PipelineError
     from gspo.rewards import RewardError, RewardLoadError
     from gspo.rollout.vllm_server import RolloutServerError
+    from gspo.training.distributed import PeerFailed
 
-    return (OSError, RewardError, RewardLoadError, PipelineError, NonFiniteError, RolloutServerError)
+    return (OSError, RewardError, RewardLoadError, PipelineError, NonFiniteError, RolloutServerError, PeerFailed)
 
 
 def describe_error(e: BaseException) -> str:

@@ -258,7 +258,7 @@ def test_a_write_failing_on_one_rank_raises_on_every_rank(full_run):
     out = os.path.join(full_run.tmp, "run2")
     rank0, rank1 = (rec.get("failed") for rec in full_run.recs)
     assert rank0 and "No space left on device" in rank0 and "rollout-000003" in rank0
-    assert rank1 and rank1.startswith("RuntimeError: checkpoint ") and "failed on rank 0" in rank1
+    assert rank1 and rank1.startswith("PeerFailed: checkpoint ") and "failed on rank 0" in rank1
     root = os.path.join(out, "checkpoints")
     assert not [e for e in os.listdir(root) if "rollout-000003" in e]  # no leftover of the failed save
     with open(os.path.join(root, "latest"), encoding="utf-8") as f:

@@ -65,6 +65,16 @@ def test_accelerate_configs_load(path):
         assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Qwen3MoeDecoderLayer"
 
 
+def test_accelerate_configs_for_1_2_4_and_8_gpus_differ_only_in_their_process_count():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    paths = {n: os.path.join(QWEN, "accelerate", f"{n}gpu.json") for n in (1, 2, 4, 8)}
+    assert sorted(glob.glob(os.path.join(QWEN, "accelerate", "*.json"))) == sorted(paths.values())
+    fsdp = {n: ClusterConfig.from_json_file(paths[n]).to_dict() for n in (2, 4, 8)}
+    assert all(c["fsdp_config"]["fsdp_version"] == 2 for c in fsdp.values())
+    assert fsdp[2] == {**fsdp[8], "num_processes": 2} and fsdp[4] == {**fsdp[8], "num_processes": 4}
+
+
 def _launch(variant, *args, num_gpus=None):
     env = dict(os.environ, DRY_RUN="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     if num_gpus:
@@ -98,7 +108,15 @@ def test_launcher_runs_one_stage_and_rejects_unknown_ones():
     assert "1gpu.json -m gspo train" in r.stderr and r.returncode == 0, r.stderr
     r = _launch("full", "reasoning")
     assert r.returncode == 2 and "unknown stage 'reasoning'" in r.stderr and "reasoning_rl" in r.stderr
-    assert _launch("full", num_gpus=4).returncode == 2
+
+    for n in (2, 4):  # each GPU count gets its own accelerate config
+        r = _launch("full", "reasoning_rl", hub, num_gpus=n)
+        assert r.returncode == 0 and f"accelerate/{n}gpu.json -m gspo train" in r.stderr, r.stderr
+    for bad in ("3", "16", "eight"):  # anything else: one line, before anything runs
+        r = _launch("full", num_gpus=bad)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"NUM_GPUS must be 1, 2, 4 or 8 (one accelerate config each in {QWEN}/accelerate), got '{bad}'"], \
+            r.stderr
 
 
 def _non_default_leaves(data, default, prefix=""):

@@ -10,11 +10,18 @@ some of its rows; `gather_rows` puts each rank's rows into a zero tensor of the 
 ranks (all-reduce). A row belongs to exactly one rank, so the sum is that rank's values, bit for bit, for any
 dtype gloo and nccl can sum, and one collective serves ranks with different row counts (a minibatch's rows
 are split unevenly, possibly not at all, across ranks).
+
+Failing together: code that runs on each rank's own share (reward functions) can raise on one rank only, while
+the others go on into the next collective and wait there until the backend's timeout (nccl: 10 minutes) or the
+launcher notices. `fail_together` around such code makes every rank stop at its end: the failing rank raises its
+own error, every other rank `PeerFailed` naming it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,3 +118,42 @@ def barrier(d: Dist) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+class PeerFailed(RuntimeError):
+    """Another process of this launch failed in a step every rank agrees on (`fail_together`, the sharded
+    saves); the message is its error, one line. That process prints its own; `gspo` prints this one on rank 0
+    only."""
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; gspo's own errors (RuntimeError / ValueError / OSError kinds) carry their whole
+    story in the message, anything else is named by its type (a bare KeyError's message is just the key)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = " ".join(str(e).split())
+    if not text or not isinstance(e, (RuntimeError, ValueError, OSError)):
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text
+
+
+@contextmanager
+def fail_together(d: Dist, what: str) -> Iterator[None]:
+    """Run the block on every rank, then exchange whether it raised (one small all-gather): the rank(s) that
+    raised re-raise their error, the others raise `PeerFailed` naming the first failing rank and its error.
+    Every rank must enter it the same number of times (it is a collective). One process: nothing added."""
+    if not d.sharded:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (shared below, then re-raised: no rank goes on alone)
+        error = e
+    reports = all_gather_objects(None if error is None else _one_line(error), d)
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise PeerFailed(f"{what} failed on rank {rank} of {d.world}: {msg}")

@@ -131,6 +131,22 @@ class MetricsWriter:
         logger.info("rollout %d samples:\n%s", rollout, "\n".join(lines))
 
 
+def tracker_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The run's config as trackers take it: one level of dotted keys (`rollout.group_size`) with int / float /
+    str / bool values. TensorBoard's hparams refuse nested sections, None and lists (wandb and trackio take these
+    as well)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(tracker_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:  # None, lists (rewards, pass@k values): their JSON text
+            out[name] = json.dumps(value, default=str)
+    return out
+
+
 def format_summary(row: dict[str, Any]) -> str:
     """A short progress-bar postfix from a metrics row."""
     keys = [("reward", "reward"), ("loss", "loss"), ("clip_frac/high", "clip_hi"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from gspo.rewards import RewardSet
+from gspo.training.distributed import fail_together
 
 
 class PeriodicEval:
@@ -34,7 +35,20 @@ class PeriodicEval:
         ev = self.eval_cfg
         scored = sample_and_score(ev, self.eval_rows, model_path=None, tokenizer=self.tokenizer,
                                   n=ev.eval.num_samples, seed=ev.eval.seed, engine=self.engine,
-                                  rewards=self.eval_rewards)
+                                  rewards=_ScoredTogether(self.eval_rewards, self.dist))
         settings = ("num_prompts", "num_samples", "pass_threshold")
         return {f"eval/{k}": float(v) for k, v in summarize(ev, scored).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in settings}
+
+
+class _ScoredTogether:
+    """The evaluation's RewardSet, each call inside `fail_together`: every rank samples and scores the same
+    chunks in the same order (on several processes), so a reward raising on one rank stops every rank at that
+    chunk instead of leaving the others in the next chunk's sampling. Scoring holds no collective."""
+
+    def __init__(self, rewards: RewardSet, dist) -> None:
+        self.rewards, self.dist = rewards, dist
+
+    def __call__(self, *args, **kwargs):
+        with fail_together(self.dist, "the evaluation's rewards"):
+            return self.rewards(*args, **kwargs)

@@ -18,7 +18,7 @@ from gspo.data import hf_dataset_options, load_rows
 from gspo.registry import STAGES, TASKS, StageSpec
 from gspo.training.metrics_log import MetricsWriter
 from gspo.training.summary import length_line
-from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
+from gspo.training.trl_glue import as_messages, common_args, launch_state, metrics_callback, train_and_save
 
 
 def preference_rows(data_cfg: Any, *, seed: int) -> list[dict[str, Any]]:
@@ -109,7 +109,8 @@ def run_reward_model(cfg: Any) -> str:
         gradient_checkpointing=cfg.model.gradient_checkpointing,  # TRL's default would be True
         eval_strategy="no",
     )
-    writer = MetricsWriter(out)
+    main = launch_state(args).is_main_process  # several processes: data parallel, the main one writes
+    writer = MetricsWriter(out) if main else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
                             processing_class=tokenizer, callbacks=[metrics_callback(writer)])
     final = train_and_save(trainer, tokenizer, out)
@@ -117,9 +118,10 @@ def run_reward_model(cfg: Any) -> str:
     metrics = {"eval/accuracy": pairwise_accuracy(trainer.model, tokenizer, eval_pairs),
                "train/accuracy": pairwise_accuracy(trainer.model, tokenizer, train_pairs[:len(eval_pairs)]),
                "eval/num_pairs": len(eval_pairs), "train/num_pairs": len(train_pairs)}
-    writer.write({"step": trainer.state.global_step, "rollout": 0, **metrics})
-    with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump({"model": final, **metrics}, f, indent=1)
+    if main:
+        writer.write({"step": trainer.state.global_step, "rollout": 0, **metrics})
+        with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump({"model": final, **metrics}, f, indent=1)
     return final
 
 

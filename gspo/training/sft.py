@@ -15,7 +15,7 @@ from gspo.models.policy import Policy
 from gspo.registry import STAGES, TASKS, StageSpec
 from gspo.training.metrics_log import MetricsWriter
 from gspo.training.summary import length_line
-from gspo.training.trl_glue import as_messages, common_args, metrics_callback, train_and_save
+from gspo.training.trl_glue import as_messages, common_args, launch_state, metrics_callback, train_and_save
 
 
 def sft_rows(data_cfg: Any, *, seed: int) -> list[dict[str, Any]]:
@@ -43,8 +43,6 @@ def run_sft(cfg: Any) -> str:
     from trl import SFTConfig, SFTTrainer
 
     out = cfg.output_dir
-    policy = Policy.load(cfg, output_dir=out)  # LoRA: adapters only; final/ is still merged (train_and_save)
-    model, tokenizer = policy.model, policy.tokenizer
     s = cfg.sft
     args = SFTConfig(
         **common_args(cfg, s),
@@ -53,8 +51,13 @@ def run_sft(cfg: Any) -> str:
         # 0.0 switches TRL's aux loss off; None would mean "the architecture's own coefficient".
         router_aux_loss_coef=cfg.moe.aux_loss_coef,
     )
+    state = launch_state(args)  # several processes: data parallel (gspo/training/trl_glue.py)
+    with state.main_process_first():  # a `tiny:` model is built into output_dir once, by the main process
+        policy = Policy.load(cfg, output_dir=out)  # LoRA: adapters only; final/ is still merged (train_and_save)
+    model, tokenizer = policy.model, policy.tokenizer
+    writer = MetricsWriter(out) if state.is_main_process else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(cfg.data, seed=cfg.seed)),
-                         processing_class=tokenizer, callbacks=[metrics_callback(MetricsWriter(out))])
+                         processing_class=tokenizer, callbacks=[metrics_callback(writer)])
     return train_and_save(trainer, tokenizer, out)
 
 

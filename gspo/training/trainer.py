@@ -51,12 +51,13 @@ from gspo.training.dist_checkpoint import (
 from gspo.training.distributed import (
     Dist,
     barrier,
+    fail_together,
     init_distributed,
 )
 from gspo.training.finite import at_rollout, check_gradients, check_logprobs, check_parameters
 from gspo.training.fsdp import root_unsharded
 from gspo.training.logprobs import completion_logprobs
-from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary
+from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary, tracker_config
 from gspo.training.moe_monitor import MoEMonitor
 from gspo.training.optim import build_optimizer
 from gspo.training.periodic_eval import PeriodicEval
@@ -167,7 +168,7 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
                                         sampling=self._rollout_sampling, sampler_state=self.sampler.state_dict)
         self._trained = True  # whether the current rollout's update ran (what a failure checkpoint keeps)
         if trackers:
-            self.accelerator.init_trackers(cfg.logging.project, config=cfg.to_dict())
+            self.accelerator.init_trackers(cfg.logging.project, config=tracker_config(cfg.to_dict()))
 
     def _unwrapped(self) -> torch.nn.Module:
         """The policy module itself (accelerate's wrapper removed on one process; FSDP2 shards in place)."""
@@ -254,10 +255,11 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
         with timer("rewards"):
             mine = rows[lo:hi]
             columns = {k: repeat_each([r.get(k) for r in mine], g) for k in self.columns}
-            result = self.rewards(repeat_each([r["prompt"] for r in mine], g),
-                                  self._completions_for_rewards(mine, batch),
-                                  [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask)],
-                                  columns, trainer_state=self._trainer_state())
+            with fail_together(self.dist, "the rewards"):  # user code on this rank's share: stop every rank
+                result = self.rewards(repeat_each([r["prompt"] for r in mine], g),
+                                      self._completions_for_rewards(mine, batch),
+                                      [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask)],
+                                      columns, trainer_state=self._trainer_state())
             rewards, reward_metrics = result.rewards, result.metrics
             if self.dist.sharded:  # every rank gets the global batch: metrics and the update's rows
                 all_ids = [self._prompt_ids(r) for r in rows]  # the global batch's prompts, every rank's slice
@@ -334,7 +336,7 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
     def _reference(self) -> Any:
         """Context in which `self._logp(..., model=self.ref_model)` is the KL reference's logp."""
         if self.ref_model is None:
-            return self.policy.reference_context(self.accelerator.unwrap_model(self.model))
+            return self.policy.reference_context(self._unwrapped())  # no accelerator on a sharded run
         return nullcontext()
 
     def _old_logprobs(self, data: RolloutData, own: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,10 @@
 """What the stages built on TRL trainers (sft, reward_model) share: chat-message rows, the training arguments
-that come from the common config sections, metrics.jsonl logging, and the `final/` save."""
+that come from the common config sections, metrics.jsonl logging, and the `final/` save.
+
+Several processes (torchrun / accelerate launch): TRL's trainers run data parallel as they are (accelerate's
+state counts the launch's processes, `use_cpu` included; each process takes `batch_size` rows, so the global
+batch is N x batch_size, and transformers averages the loss over the global batch's tokens). What gspo adds is
+that one process writes: metrics.jsonl, final/, and a `tiny:` model built into output_dir."""
 
 from __future__ import annotations
 
@@ -34,13 +39,22 @@ def common_args(cfg: Any, stage: Any) -> dict[str, Any]:
     }
 
 
-def metrics_callback(writer: MetricsWriter) -> Any:
-    """A TrainerCallback writing each logged step (with a loss) to metrics.jsonl."""
+def launch_state(args: Any) -> Any:
+    """accelerate's state of this launch, as the TRL trainer built with `args` will use it (`is_main_process`,
+    `main_process_first()`, `wait_for_everyone()`). Reading `args.device` sets it up, and with it the process
+    group of a multi-process launch."""
+    _ = args.device
+    return args.distributed_state
+
+
+def metrics_callback(writer: MetricsWriter | None) -> Any:
+    """A TrainerCallback writing each logged step (with a loss) to metrics.jsonl; None (the processes other than
+    the main one): nothing written."""
     from transformers import TrainerCallback
 
     class _ToJsonl(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # transformers' signature
-            if logs and "loss" in logs:
+            if writer is not None and logs and "loss" in logs:
                 writer.write({"step": state.global_step, "rollout": 0, **{k: v for k, v in logs.items()
                                                                             if isinstance(v, (int, float))}})
 
@@ -54,5 +68,16 @@ def train_and_save(trainer: Any, tokenizer: Any, output_dir: str) -> str:
 
     trainer.train()
     final = os.path.join(output_dir, "final")
-    save_final(trainer.model, tokenizer, final)
+    acc = trainer.accelerator
+    # Several processes: the main one writes a replicated (DDP) model; a sharded one (accelerate's FSDP
+    # plugin) is gathered by every process in save_pretrained, so each takes part.
+    if acc.is_main_process or _is_sharded(trainer.model):
+        save_final(trainer.model, tokenizer, final)
+    acc.wait_for_everyone()  # no process returns (a pipeline's next stage) before final/ is written
     return final
+
+
+def _is_sharded(model: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

@@ -6,9 +6,9 @@ set -euo pipefail
 RECIPE_DIR="$1"; NUM_GPUS="$2"; shift 2
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 case "$NUM_GPUS" in
-  1) ACCEL="$ROOT/accelerate/1gpu.json" ;;
-  8) ACCEL="$ROOT/accelerate/8gpu.json" ;;
-  *) echo "NUM_GPUS must be 1 or 8 (accelerate configs in $ROOT/accelerate), got $NUM_GPUS" >&2; exit 2 ;;
+  1|2|4|8) ACCEL="$ROOT/accelerate/${NUM_GPUS}gpu.json" ;;  # 1: one process; 2, 4, 8: FSDP2 over that many
+  *) echo "NUM_GPUS must be 1, 2, 4 or 8 (one accelerate config each in $ROOT/accelerate), got '$NUM_GPUS'" >&2
+     exit 2 ;;
 esac
 config_of() {  # the stage's config: this recipe's, else the full-weight variant's (stages that train no policy)
   for dir in "$RECIPE_DIR" "$ROOT/full"; do

@@ -6,10 +6,9 @@
 #   recipes/qwen3_moe/full/run.sh eval [key=value ...]      # gspo eval eval.yaml (e.g. model.name_or_path=...)
 #
 # Overrides pass through: `stages.<stage>.<key>=value` for the pipeline, `<key>=value` for a stage.
-# Environment: NUM_GPUS (1 or 8; default 8: full weights of a 30B model need FSDP over 8 GPUs; the rl stages
-# run on one process only for now and refuse a multi-process launch before anything loads, a pipeline with
-# an rl stage included, so today 8 GPUs serve the SFT and reward-model stages run one at a time: run.sh STAGE),
-# DRY_RUN=1 (print the command and validate the config(s) instead of running).
+# Environment: NUM_GPUS (1, 2, 4 or 8; default 8: full weights of a 30B model with Adam's state need FSDP over
+# 8 GPUs; fewer would need the rl stages' train.fsdp_cpu_offload=true, not measured), DRY_RUN=1 (print the
+# command and validate the config(s) instead of running).
 # Stages: cold_start reasoning_rl rejection_sampling rs_sft reward_model alignment_rl.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -6,7 +6,7 @@
 #   recipes/qwen3_moe/lora/run.sh eval [key=value ...]      # gspo eval ../full/eval.yaml
 #
 # Overrides pass through: `stages.<stage>.<key>=value` for the pipeline, `<key>=value` for a stage.
-# Environment: NUM_GPUS (1 or 8; default 1: one card with >= 141 GB, e.g. an H200), DRY_RUN=1 (print the
+# Environment: NUM_GPUS (1, 2, 4 or 8; default 1: one card with >= 141 GB, e.g. an H200), DRY_RUN=1 (print the
 # command and validate the config(s) instead of running).
 # Stages here: cold_start reasoning_rl rs_sft alignment_rl (reward_model and rejection_sampling: ../full).
 set -euo pipefail
