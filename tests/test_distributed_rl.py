@@ -75,6 +75,11 @@ def assert_same_rows(one: list[dict], two: list[dict], *, rel: float = 1e-4, abs
             if k.startswith(("timing/", "sync/")):
                 continue
             vb = b[k]
+            if k.startswith("logp_gap/"):
+                # The engine-vs-trainer gap is float noise (~1e-6 in fp32): each process's vLLM engine runs half
+                # the batch, so its kernels differ from one engine's. What must hold is that both stay noise.
+                assert max(abs(va), abs(vb)) < 1e-4, (a["step"], k, va, vb)
+                continue
             if isinstance(va, float) or isinstance(vb, float):
                 assert vb == pytest.approx(va, rel=rel, abs=abs_), (a["step"], k, va, vb)
             else:
