@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gspo.algorithms import group_advantages, group_reward_stats
+from gspo.algorithms import group_advantages
 from gspo.algorithms.behaviour import behaviour_correction
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
 from gspo.models.policy import Policy, is_sharded_checkpoint, save_final
@@ -64,7 +64,7 @@ from gspo.training.periodic_eval import PeriodicEval
 from gspo.training.rollout_data import RolloutData, repeat_each
 from gspo.training.rollout_producer import RolloutProducer
 from gspo.training.sharded_steps import ShardedSteps
-from gspo.training.summary import sampling_line
+from gspo.training.summary import rl_summary
 
 logger = logging.getLogger("gspo.trainer")
 
@@ -414,42 +414,14 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
         return out
 
     def _rollout_metrics(self, data: RolloutData, reward_metrics: dict[str, float]) -> dict[str, Any]:
-        g = self.cfg.rollout.group_size
-        b = data.batch
-        lengths = b.lengths.float()
-        stats = group_reward_stats(data.rewards, g)
-        finite = data.rewards[torch.isfinite(data.rewards)]
-        m: dict[str, Any] = {
-            "reward": float(finite.mean()) if finite.numel() else float("nan"),
-            "reward_std": stats["reward_std"],
-            "frac_reward_zero_std": stats["frac_reward_zero_std"],
-            "completions/mean_length": float(lengths.mean()),
-            "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
-            "completions/truncated_frac": sum(r == "length" for r in b.finish_reasons) / len(b.finish_reasons),
-            "updates_per_rollout": self.cfg.optimizer_steps_per_rollout,
-            "clip/low": self.clip_low,
-            "clip/high": self.clip_high,
-        }
-        m.update(reward_metrics)
-        m.update(self.policy.metrics)
-        if b.logp is not None and data.trainer_logp is not None:
-            valid = b.mask.bool()
-            gap = (b.logp.float() - data.trainer_logp)[valid].abs()
-            m["logp_gap/mean"] = float(gap.mean())
-            m["logp_gap/max"] = float(gap.max())
-        return m
+        return {**data.reward_and_length_metrics(), "updates_per_rollout": self.cfg.optimizer_steps_per_rollout,
+                "clip/low": self.clip_low, "clip/high": self.clip_high, **reward_metrics, **self.policy.metrics,
+                **data.logp_gap_metrics()}
 
     def _maybe_write_samples(self, data: RolloutData) -> None:
         lg = self.cfg.logging
-        if lg.sample_every <= 0 or self.rollout_idx % lg.sample_every:
-            return
-        g = self.cfg.rollout.group_size
-        samples = [{"prompt": data.rows[i // g]["prompt"], "completion": data.batch.completions[i],
-                    "reward": float(data.rewards[i]), "adv": float(data.adv[i]),
-                    "finish_reason": data.batch.finish_reasons[i]}
-                   for i in range(min(lg.num_samples, data.batch.num_completions))]
-        self.metrics.write_samples(self.rollout_idx, samples)
+        if lg.sample_every > 0 and self.rollout_idx % lg.sample_every == 0:
+            self.metrics.write_samples(self.rollout_idx, data.samples(lg.num_samples))
 
     # --- loop, checkpoints ------------------------------------------------------------------------------
 
@@ -515,26 +487,8 @@ def run_rl(cfg: Any) -> str:
     return GSPOTrainer(cfg).train()
 
 
-def _summary(cfg: Any) -> list[str]:
-    a = cfg.algorithm
-    low, high = cfg.clip_range()
-    default = " (algorithm default)" if a.clip_low is None and a.clip_high is None else ""
-    k = cfg.optimizer_steps_per_rollout
-    return [
-        sampling_line(cfg),
-        (f"algorithm:  {a.name} ({LOSSES.get(a.name).level} level), "
-         f"clip range [1 - {low:g}, 1 + {high:g}]{default}")
-        + (f", beta {a.beta:g} ({a.kl_estimator})" if a.beta > 0 else ""),
-        f"updates:    {k} optimizer steps per rollout ({a.num_minibatches} minibatches of "
-        f"{cfg.completions_per_rollout // a.num_minibatches} completions x {a.num_epochs} epoch(s))"
-        + ("  [on-policy: ratio = 1, clipping never fires]" if k == 1 else ""),
-        (f"length:     {cfg.train.num_rollouts} rollouts = {cfg.total_optimizer_steps} optimizer steps, "
-         f"lr {cfg.optim.lr:g} ({cfg.optim.scheduler}, warm-up {cfg.optim.warmup_steps})"),
-    ]
-
-
 STAGES.register("rl", StageSpec(
     name="rl", runner=run_rl, help="GSPO (or a baseline loss) on the configured rewards",
     sections=("rollout", "algorithm", "optim", "train", "moe", "lora"), consumes=("policy",),
-    produces="policy", output="final", needs_rewards=True, summary=_summary,
+    produces="policy", output="final", needs_rewards=True, summary=rl_summary,
     max_processes=None))  # data parallel over any launch (FSDP2; see the module docstring)
