@@ -1,5 +1,5 @@
 """`python -m gspo ...` is the `gspo` command."""
 
-from gspo.cli import main
+from gspo.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from gspo.config import Config, ConfigError, RewardSpec, is_required, load_config, type_name
-from gspo.launch import launch_rank
+from gspo.launch import launch_processes, launch_rank
 from gspo.pipeline.run_record import OutputDirError, claim_output_dir, note_written
 
 EXIT_USAGE = 2  # a config / usage mistake, found before anything ran
@@ -413,6 +413,26 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, PeerFailed) or launch_rank() == 0:
             print(f"error: {describe_error(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+
+
+def entry() -> None:
+    """The `gspo` command and `python -m gspo`: `main()`, then the exit.
+
+    A process of a multi-process launch (torchrun, accelerate launch) leaves through `os._exit` after Python's
+    own exit handlers have run (atexit, weakref finalizers: temporary folders, logging): in the interpreter's
+    final teardown, native threads of torch.distributed's stack aborted a finished rank now and then ("terminate
+    called without an active exception", exit -6; measured on CPU/gloo: 1 run in 4 to 8, on the rank that
+    failed and on ranks that finished cleanly), so the launcher reported a failed job for a run that had ended
+    with its own status. One process exits normally."""
+    code = main()
+    if launch_processes()[0] > 1:
+        import atexit
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
