@@ -53,7 +53,7 @@ from gspo.training.checkpoint import (
     set_rng_state,
     write_error,
 )
-from gspo.training.distributed import Dist, PeerFailed, all_gather_objects, barrier
+from gspo.training.distributed import Dist, agree, all_gather_objects, barrier
 
 DIST_INFO = "distributed.json"
 FORMAT = "torch.distributed.checkpoint"
@@ -88,15 +88,8 @@ def _broadcast(obj: Any) -> Any:
 
 
 def _agree(error: BaseException | None, what: str) -> None:
-    """Collective: raise on every rank when any rank failed (its own exception where it failed, `PeerFailed`
-    naming the failing rank elsewhere), so no rank is left waiting in a later collective."""
-    errors = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}", _here())
-    if error is not None:
-        raise error
-    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if bad:
-        r, e = bad[0]
-        raise PeerFailed(f"{what} failed on rank {r}: {e}")
+    """`distributed.agree` over this process's group (see there): no rank is left waiting after a failure."""
+    agree(error, what, _here())
 
 
 def _options(model: torch.nn.Module):

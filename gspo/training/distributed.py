@@ -150,7 +150,14 @@ def fail_together(d: Dist, what: str) -> Iterator[None]:
         yield
     except Exception as e:  # noqa: BLE001 (shared below, then re-raised: no rank goes on alone)
         error = e
-    reports = all_gather_objects(None if error is None else _one_line(error), d)
+    agree(error, what, d)
+
+
+def agree(error: BaseException | None, what: str, d: Dist) -> None:
+    """Collective: every rank says whether its step failed (one small all-gather); the rank(s) that failed
+    re-raise their own error, the others raise `PeerFailed` naming the first failing rank and its error, so no
+    rank is left waiting in a later collective. One process: raises `error` if given."""
+    reports = all_gather_objects(None if error is None else _one_line(error), d) if d.sharded else []
     if error is not None:
         raise error
     failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
