@@ -36,6 +36,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from typing import Any
 
 import torch
 
@@ -125,9 +126,9 @@ class PeakMemory:
 
 
 # ------------------------------------------------------------------------------------------------- gspo
-def run_gspo(root: str, model_path: str, engine: str, cycles: int, overrides: list[str]) -> dict:
+def gspo_config(root: str, model_path: str, engine: str, cycles: int, overrides: list[str]) -> Any:
+    """The gspo side's config: the benchmark's data and reward written under `root`, its schedule."""
     from gspo.config import load_config
-    from gspo.training.trainer import GSPOTrainer
 
     data = os.path.join(root, "data.jsonl")
     with open(data, "w") as f:
@@ -138,12 +139,18 @@ def run_gspo(root: str, model_path: str, engine: str, cycles: int, overrides: li
             def reward_len(prompts, completions, completion_ids, **kw):
                 return [float(len(c)) / 1000.0 + random.random() for c in completions]
         """))
-    cfg = load_config(None, [
+    return load_config(None, [
         "stage=rl", f"output_dir={root}/run-{engine}", f"model.name_or_path={model_path}", f"model.dtype={'float32' if SMOKE else 'bfloat16'}",
         f"data.path={data}", f"rollout.engine={engine}", f"rollout.group_size={G}",
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.max_new_tokens={NEW_TOKENS}", "algorithm.name=gspo",
         f"algorithm.num_minibatches={MINIBATCHES}", "optim.lr=1e-6", f"train.num_rollouts={cycles}",
         f"rewards=[{root}/bench_rewards.py:reward_len]", "logging.progress=false", *overrides])
+
+
+def run_gspo(root: str, model_path: str, engine: str, cycles: int, overrides: list[str]) -> dict:
+    from gspo.training.trainer import GSPOTrainer
+
+    cfg = gspo_config(root, model_path, engine, cycles, overrides)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         trainer = GSPOTrainer(cfg)

@@ -29,17 +29,21 @@ def _wait_for_device() -> None:
 
 class HopTimer:
     """Wall time per named hop of one RL step (`timing/<hop>` in the metrics); on a GPU each hop waits for
-    its own kernels, so a hop's time is its own."""
+    its own kernels, so a hop's time is its own. Each hop is also a `gspo/<hop>` range in a torch profiler
+    trace (benchmarks/profile_cycle.py splits a step's GPU time by hop with it)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, hop: str) -> Iterator[None]:
+        import torch
+
         _wait_for_device()
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"gspo/{hop}"):
+                yield
         finally:
             _wait_for_device()
             self.seconds[hop] = self.seconds.get(hop, 0.0) + time.perf_counter() - start

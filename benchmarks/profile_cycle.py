@@ -1,0 +1,153 @@
+"""Where a gspo + vLLM rollout cycle goes on one GPU: the benchmark's setting (benchmarks/gpu_gspo_vs_trl.py, a
+4-layer Qwen3-30B-A3B cut, 8 prompts x 8 x 256 tokens, 4 minibatches), profiled in one process.
+
+1. `--cycles` plain cycles (the first is warm-up): the trainer's own hop timings (`timing/*`), the reference.
+2. One cycle under torch.profiler (CPU + CUDA): per hop (each `HopTimer` hop is a `gspo/<hop>` range), the GPU's
+   busy fraction (union of kernel / copy intervals inside the hop's window), the kernels that took the most GPU
+   time, the kernel / graph launches, and the host calls that waited for the GPU (cudaStreamSynchronize and
+   friends: count and seconds).
+3. One cycle under cProfile: the Python functions that took the most host time (tottime), for the hops the GPU
+   profile shows to be host-bound.
+4. In the same process, on the trainer's own engine: plain `LLM.generate` of the requests gspo's engine issues
+   (seeded per prompt, logprobs=0, no detokenization), the same without logprobs, and gspo's `engine.generate`
+   of them: the rollout hop's floor measured next to the hop itself.
+
+    python benchmarks/profile_cycle.py --cycles 5 [gspo overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmark's helpers
+
+import gpu_gspo_vs_trl as bench
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length (s) of the union of [start, end] intervals given in microseconds."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / 1e6
+
+
+def split_trace(path: str, top: int) -> dict:
+    """Per `gspo/<hop>` range of a chrome trace: wall, GPU busy, top kernels, host waits."""
+    with open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    hops = [(e["name"][5:], e["ts"], e["ts"] + e["dur"]) for e in events
+            if e.get("cat") == "user_annotation" and e["name"].startswith("gspo/")]
+    gpu = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") in GPU_CATS]
+    runtime = [(e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "cuda_runtime"]
+    out = {}
+    for hop, lo, hi in hops:
+        inside = [(max(s, lo), min(e, hi), n) for s, e, n in gpu if e > lo and s < hi]
+        by_kernel: dict[str, float] = collections.Counter()
+        for s, e, n in inside:
+            by_kernel[n[:90]] += (e - s) / 1e6
+        waits = [(d, n) for ts, d, n in runtime if lo <= ts <= hi and ("Synchronize" in n or n in (
+            "cudaMemcpy", "cudaMemcpyAsync") and d > 50)]
+        launches = sum(1 for ts, _d, n in runtime if lo <= ts <= hi and "Launch" in n)
+        wall = (hi - lo) / 1e6
+        busy = union_seconds([(s, e) for s, e, _ in inside])
+        out[hop] = {"wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4),
+                    "gpu_busy_frac": round(busy / wall, 3) if wall else 0.0, "kernels": len(inside), "launches": launches,
+                    "host_waits": len(waits), "host_wait_s": round(sum(d for d, _ in waits) / 1e6, 4),
+                    "top_kernels": [(n, round(s, 4)) for n, s in by_kernel.most_common(top)]}
+    return out
+
+
+def same_requests(trainer, rows: int, reps: int) -> dict:
+    """LLM.generate of gspo's requests on the trainer's engine, next to engine.generate of the same prompts."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from gspo.rollout.base import derive_seed
+
+    eng, spec = trainer.engine, trainer._sampling(10_000)
+    ids = [trainer._prompt_ids(r) for r in trainer.dataset.rows[:rows]]
+    eos = [trainer.tokenizer.eos_token_id]
+
+    def params(logprobs):
+        return [SamplingParams(n=spec.n, temperature=spec.temperature, max_tokens=spec.max_new_tokens,
+                               seed=derive_seed(spec.seed, b, spec.n), logprobs=logprobs, stop_token_ids=eos,
+                               detokenize=False) for b in range(len(ids))]
+
+    times = collections.defaultdict(list)
+    for _ in range(reps):
+        for name, p in (("llm_generate", params(0)), ("llm_generate_no_logprobs", params(None))):
+            bench.sync()
+            t = time.perf_counter()
+            eng.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], p, use_tqdm=False)
+            bench.sync()
+            times[name].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        eng.generate(ids, spec)
+        bench.sync()
+        times["engine_generate"].append(time.perf_counter() - t)
+    return {k: round(statistics.median(v), 4) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cycles", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--top", type=int, default=12, help="kernels / functions listed per hop")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "gspo-gpu-bench"))
+    ap.add_argument("--trace", default=None, help="keep the chrome trace here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    os.makedirs(args.root, exist_ok=True)
+    model_path = bench.build_model_dir(args.root, args.layers)
+    from gspo.training.trainer import GSPOTrainer
+
+    cfg = bench.gspo_config(args.root, model_path, "vllm_colocate", args.cycles + 3, args.overrides)
+    trainer = GSPOTrainer(cfg)
+    rows = [trainer.step()[-1] for _ in range(args.cycles)]
+    steady = rows[1:]
+    hops = {k[7:]: round(statistics.median(r[k] for r in steady), 4) for k in steady[0] if k.startswith("timing/")}
+    print("HOPS " + json.dumps(hops), flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.CUDA else [])
+    with profile(activities=acts) as prof:
+        trainer.step()
+    trace = args.trace or os.path.join(args.root, "cycle_trace.json")
+    prof.export_chrome_trace(trace)
+    for hop, info in split_trace(trace, args.top).items():
+        print(f"GPU {hop} " + json.dumps(info), flush=True)
+
+    pr = cProfile.Profile()
+    pr.enable()
+    trainer.step()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(args.top * 3)
+    print("CPROFILE (one cycle, tottime)\n" + s.getvalue()[-12000:], flush=True)
+
+    print("SAME_REQUESTS " + json.dumps(same_requests(trainer, bench.PROMPTS, 3)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
