@@ -9,8 +9,9 @@
 3. One cycle under cProfile: the Python functions that took the most host time (tottime), for the hops the GPU
    profile shows to be host-bound.
 4. In the same process, on the trainer's own engine: plain `LLM.generate` of the requests gspo's engine issues
-   (seeded per prompt, logprobs=0, no detokenization), the same without logprobs, and gspo's `engine.generate`
-   of them: the rollout hop's floor measured next to the hop itself.
+   (seeded per prompt, logprobs=0 as flat lists, no detokenization), the same with per-token logprob dicts (what
+   a plain call returns by default), without logprobs, with Python's garbage collector off, and gspo's
+   `engine.generate` of them: the rollout hop's floor measured next to the hop itself.
 
     python benchmarks/profile_cycle.py --cycles 5 [gspo overrides]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import gc
 import io
 import json
 import os
@@ -88,19 +90,24 @@ def same_requests(trainer, rows: int, reps: int) -> dict:
     ids = [trainer._prompt_ids(r) for r in trainer.dataset.rows[:rows]]
     eos = [trainer.tokenizer.eos_token_id]
 
-    def params(logprobs):
+    def params(logprobs, flat=True):
         return [SamplingParams(n=spec.n, temperature=spec.temperature, max_tokens=spec.max_new_tokens,
                                seed=derive_seed(spec.seed, b, spec.n), logprobs=logprobs, stop_token_ids=eos,
-                               detokenize=False) for b in range(len(ids))]
+                               detokenize=False, flat_logprobs=flat) for b in range(len(ids))]
 
+    variants = (("llm_generate", params(0), False), ("llm_generate_dict_logprobs", params(0, flat=False), False),
+                ("llm_generate_no_logprobs", params(None), False), ("llm_generate_gc_off", params(0), True))
     times = collections.defaultdict(list)
     for _ in range(reps):
-        for name, p in (("llm_generate", params(0)), ("llm_generate_no_logprobs", params(None))):
+        for name, p, gc_off in variants:
             bench.sync()
+            if gc_off:
+                gc.disable()
             t = time.perf_counter()
             eng.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], p, use_tqdm=False)
             bench.sync()
             times[name].append(time.perf_counter() - t)
+            gc.enable()
         t = time.perf_counter()
         eng.generate(ids, spec)
         bench.sync()

@@ -15,7 +15,14 @@ from gspo.config import RolloutConfig
 from gspo.models.finite import NonFiniteError, first_non_finite
 from gspo.models.loading import build_tiny_model
 from gspo.rollout.base import SamplingSpec
-from gspo.training.finite import at_rollout, check_gradients, check_logprobs, check_parameters
+from gspo.training.finite import (
+    at_rollout,
+    check_gradient_norm,
+    check_logprobs,
+    check_parameters,
+    clip_gradients,
+    gradient_norm,
+)
 
 FIRST = "model.layers.0.mlp.experts.down_proj"  # in named_parameters() order, before the second plant
 SECOND = "model.layers.1.self_attn.o_proj.weight"
@@ -108,12 +115,22 @@ def test_finder_names_the_first_bad_parameter_and_gradient(tiny):
     model = _model(path)
     ids = torch.randint(5, 100, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
-    check_gradients(model, 3)
-    grads = dict(model.named_parameters())
-    grads[SECOND].grad[0, 0] = float("nan")
+    norm, plain = gradient_norm(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert float(plain) == pytest.approx(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))),
+                                         rel=1e-4)  # float32 sums in another order
+    check_gradient_norm(float(plain), model, 3)  # healthy: nothing raised
+    with pytest.raises(NonFiniteError, match=r"^non-finite values at rollout 3, hop update: gradient norm inf "
+                                             r"\(every gradient is finite: their norm overflowed\)$"):
+        check_gradient_norm(float("inf"), model, 3)
+    clip_gradients(model, float(plain) / 2, norm)  # clipping to half the norm halves every gradient
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g / 2, rtol=1e-5, atol=0)
+    dict(model.named_parameters())[SECOND].grad[0, 0] = float("nan")
+    _, plain = gradient_norm(model)
     with pytest.raises(NonFiniteError, match=rf"^non-finite values at rollout 3, hop update: gradient of {SECOND} "
                                              r"\(first of 1 non-finite\)$"):
-        check_gradients(model, 3)
+        check_gradient_norm(float(plain), model, 3)
 
 
 @pytest.mark.timeout(30)

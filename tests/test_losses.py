@@ -150,6 +150,10 @@ def test_every_registered_loss_honours_the_call_shape(name):
     assert set(out.metrics) == set(METRIC_KEYS)
     assert all(type(v) is float and math.isfinite(v) for v in out.metrics.values())
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # `fetch` reads the caller's scalars in the metrics' transfer: the same metrics, the extras' own values.
+    fetched = spec.fn(logp.float(), old.float(), adv.float(), mask.float(), max_completion_length=L_MAX)
+    assert fetched.fetch(fetched.loss, torch.tensor(2.5, dtype=torch.float64)) == [float(out.loss.detach()), 2.5]
+    assert fetched.metrics == out.metrics
 
     # bool and float masks agree; calling the spec equals calling fn.
     same = spec.fn(logp, old, adv, mask, max_completion_length=L_MAX)

@@ -230,3 +230,21 @@ def test_tokenizer_only_folder_logs_no_vllm_error(tmp_path, capfd):
     else:  # 0.26 parses once and logs nothing: the folder is handed over as it is
         assert stand_in is None
     assert sorted(os.listdir(tok_dir)) == files  # the user's folder is left as it was
+
+
+def test_sampled_logprobs_read_flat_and_per_position_forms():
+    # The engine asks vLLM for FlatLogprobs (one sampled-token entry per position); the values must be the
+    # drawn tokens', and logprobs for other tokens than the completion's are an error, not a silent misread.
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from gspo.rollout.vllm_colocate import _sampled_logprobs
+
+    flat = FlatLogprobs()
+    for tok, lp in ((7, -0.5), (3, -1.25)):
+        flat.append({tok: Logprob(logprob=lp, rank=1)})
+    assert _sampled_logprobs([7, 3], flat) == [-0.5, -1.25]
+    with pytest.raises(RuntimeError, match="not the completion's 2"):
+        _sampled_logprobs([7, 4], flat)
+    per_position = [{7: Logprob(logprob=-0.5, rank=1)}, {3: Logprob(logprob=-1.25, rank=1)}]
+    assert _sampled_logprobs([7, 3], per_position) == [-0.5, -1.25]
+    assert _sampled_logprobs([], None) == []

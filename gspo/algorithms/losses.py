@@ -30,7 +30,7 @@ Deviations from the papers, all for numerical safety:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,10 +52,29 @@ DAPO_CLIP = (0.2, 0.28)  # DAPO "clip-higher"
 
 @dataclass
 class LossOutput:
-    """loss: scalar tensor to minimize. metrics: detached python floats (see `METRIC_KEYS`)."""
+    """loss: scalar tensor to minimize. metrics: python floats (see `METRIC_KEYS`), read from the device in one
+    transfer when first asked for, not when the loss is computed: a transfer between forward and backward would
+    leave the GPU idle while the host queues the backward pass. `fetch` adds the caller's own scalars (the loss,
+    the gradient norm) to that one transfer."""
 
     loss: torch.Tensor
-    metrics: dict[str, float]
+    stats: torch.Tensor  # [len(keys)], detached
+    keys: tuple[str, ...]
+    _metrics: dict[str, float] | None = field(default=None, repr=False)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        if self._metrics is None:
+            self.fetch()
+        return self._metrics
+
+    def fetch(self, *extra: torch.Tensor) -> list[float]:
+        """Read the metrics and the scalars `extra` from the device in one transfer; returns the extras' values."""
+        dtype = torch.promote_types(self.stats.dtype, torch.float32)  # float64 stays float64
+        values = torch.cat([self.stats.to(dtype), *(e.detach().reshape(1).to(self.stats.device, dtype)
+                                                    for e in extra)]).tolist()
+        self._metrics = dict(zip(self.keys, values[:len(self.keys)], strict=True))
+        return values[len(self.keys):]
 
 
 # Keys every loss returns ("kl" is added when beta > 0).
@@ -258,8 +277,7 @@ def _finish(t: _Terms, kl, beta, inp: _Inputs) -> LossOutput:
     if kl is not None:
         stats.append(kl.detach())
         keys.append("kl")
-    values = torch.stack([s.to(f) for s in stats]).tolist()
-    return LossOutput(loss=loss, metrics=dict(zip(keys, values, strict=True)))
+    return LossOutput(loss=loss, stats=torch.stack([s.to(f) for s in stats]).detach(), keys=tuple(keys))
 
 
 def _policy_loss(clip: tuple[float, float], *, per_token_advantages: bool):

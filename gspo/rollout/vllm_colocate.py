@@ -135,6 +135,9 @@ class VLLMColocateEngine:
                 max_tokens=sampling.max_new_tokens,
                 seed=derive_seed(sampling.seed, sampling.first_prompt + b, sampling.n),
                 logprobs=0,
+                # One flat list per completion (vLLM >= 0.11; every supported version): with per-token
+                # dicts of `Logprob` objects the engine loop builds (and the GC scans) N x T objects.
+                flat_logprobs=True,
                 stop_token_ids=stop_ids,
                 detokenize=False,  # texts: one batch_decode below (see the module docstring)
             )
@@ -147,7 +150,7 @@ class VLLMColocateEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 completions.append(ids)
-                logps.append([step[tok].logprob for tok, step in zip(ids, c.logprobs or [], strict=True)])
+                logps.append(_sampled_logprobs(ids, c.logprobs))
                 reasons.append(_finish_reason(c.finish_reason))
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return assemble_batch(
@@ -213,6 +216,18 @@ def _sized_kv_cache(model_path: str, dtype: str, num_seqs: int, max_model_len: i
         return None
     with open(config, encoding="utf-8") as f:
         return kv_cache_bytes(json.load(f), dtype, num_seqs=num_seqs, max_model_len=max_model_len)
+
+
+def _sampled_logprobs(ids: list[int], logprobs: Any) -> list[float]:
+    """The drawn tokens' logprobs from vLLM's FlatLogprobs (with `logprobs=0` one entry per position, the
+    sampled token's), checked against the completion's token ids; older per-position dicts are read too."""
+    flat = getattr(logprobs, "token_ids", None)
+    if flat is None:  # list[dict[token_id, Logprob]] (None: no tokens, or zip's error names the mismatch)
+        return [step[tok].logprob for tok, step in zip(ids, logprobs or [], strict=True)]
+    if list(flat) != ids:
+        raise RuntimeError(f"vllm_colocate: the engine's logprobs are for {len(flat)} tokens that are not the "
+                           f"completion's {len(ids)} (one sampled-token entry per position expected)")
+    return list(logprobs.logprobs)
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -2,8 +2,10 @@
 the hop and the first non-finite tensor (gspo.models.finite), instead of training on, or sampling from, NaNs.
 
 Where the trainer calls them (each is collective under FSDP2: every process calls it at the same point):
-- `check_gradients(model, rollout)`: after `backward()`, before clipping and the optimizer step (a NaN gradient
-  would otherwise turn every weight it touches into NaN in one Adam step);
+- `gradient_norm(model)` then `check_gradient_norm(value, model, rollout)`: after `backward()`, before clipping
+  (`clip_gradients`) and the optimizer step (a NaN gradient would otherwise turn every weight it touches into NaN
+  in one Adam step). The norm that clipping needs anyway is finite exactly when every gradient is, so the check
+  costs no pass over the gradients of its own; only a non-finite norm looks for the tensor to name;
 - `check_parameters(model, rollout, hop)`: after the optimizer step (hop "update"), and before a weight sync
   (hop "weight_sync"), so the engine never receives a NaN weight;
 - `check_logprobs(logp, mask, rollout, hop)`: after π_old (hop "old_logprobs") and the reference
@@ -14,6 +16,7 @@ Where the trainer calls them (each is collective under FSDP2: every process call
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,12 +25,34 @@ import torch
 from gspo.models.finite import NonFiniteError, first_non_finite, non_finite_rows, rows_text
 
 
-def check_gradients(model: torch.nn.Module, rollout: int) -> None:
-    """Raise NonFiniteError (hop "update") naming the first parameter whose gradient holds a NaN / inf. Call
-    after `backward()` and before the optimizer step. One isfinite reduction per gradient, one host transfer."""
+def _with_grad(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.grad is not None]
+
+
+def gradient_norm(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients' global L2 norm as `torch.nn.utils.clip_grad_norm_` computes it: (the norm for
+    `clip_gradients`, a DTensor when the model is sharded; the same as a plain scalar tensor, still on the device).
+    Collective under FSDP2 (the plain value is the reduction over every process's shards)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in _with_grad(model)], 2.0)
+    return norm, (norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def check_gradient_norm(value: float, model: torch.nn.Module, rollout: int) -> None:
+    """Raise NonFiniteError (hop "update") when the gradients' norm `value` is not finite, naming the first
+    parameter whose gradient holds a NaN / inf. Every process sees the same norm, so under FSDP2 either all of
+    them look for the tensor (a collective) or none does."""
+    if math.isfinite(value):
+        return
     name, count = first_non_finite((n, p.grad) for n, p in model.named_parameters() if p.requires_grad)
-    if name is not None:
-        raise NonFiniteError(f"gradient of {name} (first of {count} non-finite)", hop="update", rollout=rollout)
+    what = f"gradient of {name} (first of {count} non-finite)" if name is not None else \
+        f"gradient norm {value} (every gradient is finite: their norm overflowed)"
+    raise NonFiniteError(what, hop="update", rollout=rollout)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients to global norm <= `max_norm`, given their `norm` from `gradient_norm` (the second half
+    of `torch.nn.utils.clip_grad_norm_`)."""
+    torch.nn.utils.clip_grads_with_norm_(_with_grad(model), max_norm, norm)
 
 
 def check_parameters(model: torch.nn.Module, rollout: int, hop: str = "update") -> None:

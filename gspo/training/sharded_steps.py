@@ -14,7 +14,7 @@ import torch
 from gspo.rollout.base import RolloutBatch, assemble_batch
 from gspo.training.dist_checkpoint import save_consolidated, save_distributed_checkpoint, save_sharded_adapter
 from gspo.training.distributed import all_gather_objects, all_reduce, gather_rows
-from gspo.training.finite import check_gradients
+from gspo.training.finite import check_gradient_norm, clip_gradients, gradient_norm
 from gspo.training.fsdp import init_root, shard_policy
 
 logger = logging.getLogger("gspo.trainer")
@@ -117,9 +117,10 @@ class ShardedSteps:
                                     data.batch.mask[rows].to(dev), clip_low=self.clip_low,
                                     clip_high=self.clip_high, ref_logp=ref_logp, **opts)
             (loss_out.loss * w + moe_mb.aux_loss() * w_tok).backward()
-        check_gradients(self.model, self.rollout_idx)  # collective: every rank checks at this point
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        norm, plain = gradient_norm(self.model)  # collective: FSDP's global norm, the same on every rank
+        grad_norm = float(plain)
+        check_gradient_norm(grad_norm, self.model, self.rollout_idx)
+        clip_gradients(self.model, self.cfg.optim.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.global_step += 1
@@ -136,7 +137,7 @@ class ShardedSteps:
         sums = all_reduce([tokens * moe_mb.metrics[key] for key in keys] + [tokens], d)
         moe_metrics = {key: v / sums[-1] if sums[-1] else 0.0 for key, v in zip(keys, sums)}
         return {"step": self.global_step, "epoch": epoch, "minibatch": j, "loss": float(glob.loss),
-                "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], **glob.metrics,
+                "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], **glob.metrics,
                 **moe_metrics}
 
     def _save_sharded(self, state: dict[str, Any]) -> str:

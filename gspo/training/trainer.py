@@ -54,7 +54,14 @@ from gspo.training.distributed import (
     fail_together,
     init_distributed,
 )
-from gspo.training.finite import at_rollout, check_gradients, check_logprobs, check_parameters
+from gspo.training.finite import (
+    at_rollout,
+    check_gradient_norm,
+    check_logprobs,
+    check_parameters,
+    clip_gradients,
+    gradient_norm,
+)
 from gspo.training.fsdp import root_unsharded
 from gspo.training.logprobs import completion_logprobs
 from gspo.training.metrics_log import HopTimer, MetricsWriter, format_summary, tracker_config
@@ -402,15 +409,19 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
                                        clip_low=self.clip_low, clip_high=self.clip_high, ref_logp=ref_logp,
                                        **opts)
                     self.accelerator.backward(loss_out.loss + moe_mb.aux_loss())
+                self.accelerator.unscale_gradients()  # a no-op unless a loss scaler (fp16) is in use
+                norm, plain = gradient_norm(self.model)
+                # The minibatch's one device-to-host transfer: loss, norm and the loss's metrics together.
+                loss_value, grad_norm = loss_out.fetch(loss_out.loss, plain)
                 # A NaN gradient would turn every weight into NaN in one step (clipping spreads it): stop here.
-                check_gradients(self.model, self.rollout_idx)
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+                check_gradient_norm(grad_norm, self.model, self.rollout_idx)
+                clip_gradients(self.model, self.cfg.optim.max_grad_norm, norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.global_step += 1
-                out.append({"step": self.global_step, "epoch": epoch, "minibatch": j,
-                            "loss": float(loss_out.loss.detach()), "grad_norm": float(grad_norm),
-                            "lr": self.scheduler.get_last_lr()[0], **loss_out.metrics, **moe_mb.metrics})
+                out.append({"step": self.global_step, "epoch": epoch, "minibatch": j, "loss": loss_value,
+                            "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], **loss_out.metrics,
+                            **moe_mb.metrics})
         return out
 
     def _rollout_metrics(self, data: RolloutData, reward_metrics: dict[str, float]) -> dict[str, Any]:
