@@ -4,6 +4,7 @@
 # copies its logs to $OUT (default ./h200-out).
 #
 #   bash benchmarks/h200_session.sh bench      # gspo + vLLM, plain LLM.generate, TRL + vLLM: one process each
+#                                              # (RUNS=... picks others of gpu_gspo_vs_trl.py's runs)
 #   bash benchmarks/h200_session.sh profile    # one cycle split by hop (benchmarks/profile_cycle.py)
 #   bash benchmarks/h200_session.sh families   # the GPU weight-sync test for DeepSeek-V3, GPT-OSS, Qwen2-MoE
 #   bash benchmarks/h200_session.sh lora24     # the 24-layer Qwen3-30B-A3B LoRA rl stage, 5 rollouts
@@ -12,7 +13,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-h200-out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+export NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# gspo itself (and rewards/ as gspo_rewards), without touching the image's packages
+"$PY" -c "import gspo, gspo_rewards" 2>/dev/null ||
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 "$PY" -c "import torch, vllm, transformers; print('torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
 
@@ -28,7 +32,7 @@ part() {  # name, command...: run it, keep its log, say how long it took and how
 
 case "${1:?part: bench, profile, families or lora24}" in
   bench)
-    part bench "$PY" benchmarks/gpu_gspo_vs_trl.py --runs gspo_vllm,llm_generate,trl_vllm --cycles 6 \
+    part bench "$PY" benchmarks/gpu_gspo_vs_trl.py --runs "${RUNS:-gspo_vllm,llm_generate,trl_vllm}" --cycles 6 \
       --out "$OUT/bench.jsonl" ;;
   profile)
     part profile "$PY" benchmarks/profile_cycle.py --cycles 5 ;;

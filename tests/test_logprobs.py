@@ -204,3 +204,26 @@ def test_truncated_logprobs_have_finite_gradients(model):
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
     model.zero_grad()
+
+
+@pytest.mark.timeout(60)
+def test_bf16_logits_fast_path_equals_an_fp32_copy_first():
+    # Temperature 1 without truncation: log_softmax reads bf16 logits and writes fp32 in one kernel; values
+    # and gradients must be those of casting the logits to fp32 first (the other path's first step).
+    from gspo.training.logprobs import _chunk_logp
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 5))
+    fast = _chunk_logp(hidden, targets, head, 1.0, None)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), hidden)
+    ref = head(hidden).float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), hidden)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=0, atol=0)
+    # A temperature takes the other path: log_softmax(z / 2) of the fp32 logits.
+    hot = _chunk_logp(hidden, targets, head, 2.0, None)
+    torch.testing.assert_close(hot, (head(hidden).float() / 2).log_softmax(-1).gather(-1, targets.unsqueeze(-1))
+                               .squeeze(-1), rtol=0, atol=1e-6)

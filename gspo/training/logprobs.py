@@ -93,7 +93,12 @@ def sampler_support(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -
 def _chunk_logp(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, temperature: float,
                 softcap: float | None, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
     # hidden [c, T, H] -> logits [c, T, V] (this chunk only) -> log π(target) [c, T] in fp32.
-    logits = lm_head(hidden).float()
+    logits = lm_head(hidden)
+    if not softcap and temperature == 1.0 and top_k <= 0 and top_p >= 1.0:
+        # The common case in one kernel: log_softmax reads the bf16 / fp16 logits and writes fp32, the same
+        # values as an fp32 copy first (it accumulates in fp32 either way) without that [c, T, V] copy.
+        return logits.log_softmax(dim=-1, dtype=torch.float32).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logits = logits.float()
     if softcap:  # architectures that soft-cap their final logits (Gemma-2 style)
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
