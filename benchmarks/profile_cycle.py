@@ -96,7 +96,8 @@ def same_requests(trainer, rows: int, reps: int) -> dict:
                                detokenize=False, flat_logprobs=flat) for b in range(len(ids))]
 
     variants = (("llm_generate", params(0), False), ("llm_generate_dict_logprobs", params(0, flat=False), False),
-                ("llm_generate_no_logprobs", params(None), False), ("llm_generate_gc_off", params(0), True))
+                ("llm_generate_no_logprobs", params(None), False), ("llm_generate_gc_off", params(0), True),
+                ("llm_generate_no_logprobs_gc_off", params(None), True))
     times = collections.defaultdict(list)
     for _ in range(reps):
         for name, p, gc_off in variants:
