@@ -148,7 +148,8 @@ class VLLMColocateEngine:
         # Python's cyclic GC off while vLLM's engine loop runs: its per-step allocations trigger collections
         # that walk every object of the trainer's process (model, optimizer, engine). Measured on one H200
         # (benchmarks/profile_cycle.py, docs/benchmarks.md): LLM.generate of the benchmark's 64 requests
-        # 1.11 s with the GC, 0.91 s without. Reference counting still frees everything acyclic meanwhile.
+        # 1.11 s with the GC, 0.91 s without (1.46 / 1.38 s in a slower lease). Reference counting still frees
+        # everything acyclic meanwhile.
         gc_was_on = gc.isenabled()
         gc.disable()
         try:
