@@ -70,7 +70,9 @@ class LossOutput:
 
     def fetch(self, *extra: torch.Tensor) -> list[float]:
         """Read the metrics and the scalars `extra` from the device in one transfer; returns the extras' values."""
-        dtype = torch.promote_types(self.stats.dtype, torch.float32)  # float64 stays float64
+        dtype = torch.promote_types(self.stats.dtype, torch.float32)  # no value loses precision on the way:
+        for e in extra:  # bf16 / fp16 read as fp32, float64 stays float64
+            dtype = torch.promote_types(dtype, e.dtype)
         values = torch.cat([self.stats.to(dtype), *(e.detach().reshape(1).to(self.stats.device, dtype)
                                                     for e in extra)]).tolist()
         self._metrics = dict(zip(self.keys, values[:len(self.keys)], strict=True))
