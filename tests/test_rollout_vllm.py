@@ -259,3 +259,44 @@ def test_sampled_logprobs_read_flat_and_per_position_forms():
     per_position = [{7: Logprob(logprob=-0.5, rank=1)}, {3: Logprob(logprob=-1.25, rank=1)}]
     assert _sampled_logprobs([7, 3], per_position) == [-0.5, -1.25]
     assert _sampled_logprobs([], None) == []
+
+
+_KEEP_GROUP = """
+import sys
+import torch, torch.distributed as dist
+from transformers import AutoTokenizer
+from gspo import rollout
+from gspo.config import RolloutConfig
+from gspo.rollout.base import SamplingSpec
+
+path, tmp = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(path)
+dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+engine = rollout.build_engine(
+    RolloutConfig(engine="vllm_colocate", kv_cache_memory_bytes=32 * 2**20, enforce_eager=True),
+    rollout.EngineInputs(path, tok, dtype="float32", seed=0, max_model_len=128))
+engine.generate([[5, 6, 7]], SamplingSpec(n=2, max_new_tokens=4, seed=1))
+engine.close()
+print("initialized after close:", dist.is_initialized())
+t = torch.ones(1)
+dist.all_reduce(t)  # the group still works
+print("all_reduce:", t.item())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_engine_close_keeps_the_launchers_process_group(tmp_path):
+    # Under a multi-process launch the default group is gspo's (the launcher's): vLLM's shutdown destroys the
+    # default group, which would break the next collective (a pipeline's barrier, the next stage). A fresh
+    # process: the module's engines hold a default group of vLLM's own in this one.
+    import subprocess
+    import sys
+
+    path = build_tiny_model("qwen3_moe", tmp_path / "m")
+    script = tmp_path / "keep_group.py"
+    script.write_text(_KEEP_GROUP)
+    r = subprocess.run([sys.executable, str(script), path, str(tmp_path)], capture_output=True, text=True,
+                       timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "initialized after close: True" in r.stdout and "all_reduce: 1.0" in r.stdout, r.stdout

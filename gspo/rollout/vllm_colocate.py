@@ -103,6 +103,8 @@ class VLLMColocateEngine:
         elif kv_cache_memory_bytes is None:
             kwargs["kv_cache_memory_bytes"] = 64 * 2**20  # the default memory sizing fails on CPU boxes
         kwargs.update(vllm_compat.cpu_scheduler_kwargs(max_model_len))  # seeded sampling on CPU (see there)
+        # A launcher's process group (several processes) must outlive this engine (see close()).
+        self._launch_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             self.llm = LLM(**kwargs)
         except BaseException:
@@ -212,7 +214,10 @@ class VLLMColocateEngine:
             engine = getattr(llm, "llm_engine", None)
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if callable(shutdown):
-                shutdown()
+                from gspo.rollout import vllm_compat
+
+                with vllm_compat.keep_launch_process_group(getattr(self, "_launch_group", False)):
+                    shutdown()
             self.llm = None
         if getattr(self, "_tokenizer_tmp", None):  # the links vllm_compat.tokenizer_dir_for_vllm made
             shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)

@@ -63,11 +63,13 @@ names the loggers the installed vLLM uses, so the messages are handled the same 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import importlib.util
 import inspect
 import logging
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -290,3 +292,34 @@ def use_v2_model_runner(*, on_gpu: bool, has_triton: bool | None = None) -> bool
     os.environ.setdefault(FLASHINFER_SAMPLER_ENV, "0")
     logger.info("vllm: using the V2 GPU model runner (batched seeded sampling); %s=0 keeps V1", V2_RUNNER_ENV)
     return True
+
+
+@contextlib.contextmanager
+def keep_launch_process_group(keep: bool) -> Iterator[None]:
+    """While an in-process vLLM engine shuts down, keep the default process group if it is not vLLM's.
+
+    vLLM's engine-core shutdown ends in `cleanup_dist_env_and_memory()`, whose last step is
+    `torch.distributed.destroy_process_group()` on the default group (vLLM 0.26 to 0.33). Under a multi-process
+    launch that group is the launcher's (gspo's ranks, accelerate's state): destroying it breaks every later
+    collective of the job (a pipeline's next barrier, the next stage). `keep`: the group existed before the
+    engine was built. vLLM's own groups (`group` given) are destroyed as before. No vLLM API leaves the default
+    group alone, hence this guard around the call, restored when it returns.
+    """
+    import torch.distributed as dist
+
+    if not keep or not dist.is_available():
+        yield
+        return
+    original = dist.destroy_process_group
+
+    def destroy_unless_default(group: Any = None) -> None:
+        if group is None or group is dist.group.WORLD:
+            logger.debug("vLLM shutdown: the launcher's default process group is kept")
+            return
+        original(group)
+
+    dist.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original

@@ -487,7 +487,7 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
             self._save_final_sharded(final)
         else:
             save_final(self.accelerator.unwrap_model(self.model), self.tokenizer, final)
-        barrier(self.dist)  # before the engine closes: vLLM's shutdown tears down the default process group
+        barrier(self.dist)  # every rank done with final/ before any engine shuts down
         self.engine.close()
         if self.accelerator is not None:
             self.accelerator.end_training()
