@@ -5,7 +5,9 @@
   temperature / top-k / top-p, the distribution the token was drawn from. vLLM does not detokenize
   (`detokenize=False`: its incremental detokenizer runs per token per request, in the engine loop); the texts
   are one `batch_decode` of the token ids afterwards, exactly as the HF engine makes them, so both engines give
-  the same text for the same tokens (a stop token's text included, special tokens skipped).
+  the same text for the same tokens (a stop token's text included, special tokens skipped). The logprobs come
+  back as flat lists (`flat_logprobs`), and Python's cyclic GC is off while vLLM runs (both: host time of a
+  host-bound loop, measured in docs/benchmarks.md).
 - model runner: vLLM's V2 GPU model runner on GPU (`vllm_compat.use_v2_model_runner`): it samples seeded
   requests in one batched kernel, where the V1 runner loops over the requests on the host at every step.
 - update_weights: every weight under its checkpoint-format name, in layer order and per-layer buckets, through
