@@ -220,19 +220,30 @@ def run_eval(cfg: Any, *, model_path: str | None = None, output_dir: str | None 
     Writes `<output_dir or cfg.output_dir>/eval.json` and returns the same dict: `pass@<k>` per k in eval.k,
     `rewards/<name>/mean` per reward, `reward/mean`, `completions/mean_length`, `truncated_rate`, the settings
     (model, num_prompts, num_samples, pass_reward, pass_threshold) and `per_prompt` pass counts.
+
+    Several processes (torchrun / accelerate launch): every process must call it; each samples and scores its
+    share of the prompts (`sample_and_score`), every one returns the numbers of one process, and rank 0 alone
+    writes eval.json.
     """
+    from gspo.training.distributed import fail_together, init_distributed, main_first
+
     e = cfg.eval
     start = time.perf_counter()
+    d = init_distributed()
     out_dir = output_dir or cfg.output_dir
     rows = eval_rows(cfg)
-    path, tokenizer = load_model_ref(cfg, model_path)
-    scored = sample_and_score(cfg, rows, model_path=path, tokenizer=tokenizer, n=e.num_samples, seed=e.seed)
-    result: dict[str, Any] = {"model": path, **summarize(cfg, scored)}
-    result["time_s"] = time.perf_counter() - start
-    result["per_prompt"] = result.pop("per_prompt")  # last in eval.json, as before
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    path, tokenizer = main_first(d, "loading the model", lambda: load_model_ref(cfg, model_path))
+    with rank_engine(cfg, path, tokenizer, rows, d) as engine:
+        scored = sample_and_score(cfg, rows, model_path=path, tokenizer=tokenizer, n=e.num_samples, seed=e.seed,
+                                  engine=engine, dist=d)
+        result: dict[str, Any] = {"model": path, **summarize(cfg, scored)}
+        result["time_s"] = time.perf_counter() - start
+        result["per_prompt"] = result.pop("per_prompt")  # last in eval.json, as before
+        with fail_together(d, "writing eval.json"):  # before the engine closes (rank_engine)
+            if d.main:
+                os.makedirs(out_dir, exist_ok=True)
+                with open(os.path.join(out_dir, "eval.json"), "w", encoding="utf-8") as f:
+                    json.dump(result, f, indent=1)
     return result
 
 
