@@ -78,19 +78,19 @@ def open_engine(cfg: Any, model_path: str, tokenizer: Any, longest_prompt: int) 
 
 @contextmanager
 def rank_engine(cfg: Any, model_path: str, tokenizer: Any, rows: list[dict[str, Any]], d: Dist) -> Iterator[Any]:
-    """The rollout engine for this rank's share of `rows` (`shares`; None when it has none), open for the whole
-    block and closed at its end. A sharded run keeps it open until its collectives are done (the gather, the
-    rank-0 write and the exchange that ends it): closing a vLLM engine tears down the default process group.
-    Its max_model_len comes from the longest of all `rows`, the same on every rank."""
+    """The rollout engine of this rank, open for the whole block and closed at its end. Every rank opens one,
+    also a rank whose share of `rows` is empty: a vLLM engine's start creates process groups, a collective of
+    the launch's processes. A sharded run keeps it open until its collectives are done (the gather, the rank-0
+    write and the exchange that ends it): closing a vLLM engine tears down the default process group. Its
+    max_model_len comes from the longest of all `rows`, the same on every rank."""
     from gspo.training.distributed import fail_together
 
     engine = None
     try:
         with fail_together(d, "opening the rollout engine"):
-            if shares(len(rows), cfg.rollout.prompts_per_step, d):
-                mode = cfg.data.chat_template
-                longest = max(len(prompt_token_ids(tokenizer, row["prompt"], mode)) for row in rows)
-                engine = open_engine(cfg, model_path, tokenizer, longest)
+            mode = cfg.data.chat_template
+            longest = max(len(prompt_token_ids(tokenizer, row["prompt"], mode)) for row in rows)
+            engine = open_engine(cfg, model_path, tokenizer, longest)
         yield engine
     finally:
         if engine is not None:
@@ -142,7 +142,7 @@ def sample_and_score(cfg: Any, rows: list[dict[str, Any]], *, model_path: str | 
     from gspo.training.distributed import Dist, all_gather_objects, fail_together
 
     d = dist or Dist()
-    if d.sharded and engine is None and shares(len(rows), cfg.rollout.prompts_per_step, d):
+    if d.sharded and engine is None:
         raise ValueError("sample_and_score on several processes samples with the caller's engine (rank_engine), "
                          "which must stay open until the collectives after it are done")
     columns = sorted({c for row in rows for c in row if c != "prompt"})
