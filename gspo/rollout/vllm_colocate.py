@@ -14,6 +14,9 @@
   `reset_prefix_cache()` so no KV computed with old weights is reused. Its cost is `last_sync_stats`.
 - memory: the KV cache is sized from the run (`gspo.rollout.sizing`) unless `kv_cache_memory_bytes` or
   `gpu_memory_utilization` is given; CUDA graphs on GPU unless `enforce_eager` says otherwise.
+- close: vLLM's shutdown destroys the default process group. One the engine did not create (a multi-process
+  launch's, which gspo initialised before the engine started) is kept, so the launch's processes can go on
+  meeting in collectives after an engine closed (a pipeline's next stage, its evaluation).
 - sleep / wake_up: real on GPU (`enable_sleep_mode=True`); on CPU vLLM rejects sleep mode, so they are no-ops
   (one log line says so).
 
@@ -27,6 +30,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -102,6 +107,8 @@ class VLLMColocateEngine:
         elif kv_cache_memory_bytes is None:
             kwargs["kv_cache_memory_bytes"] = 64 * 2**20  # the default memory sizing fails on CPU boxes
         kwargs.update(vllm_compat.cpu_scheduler_kwargs(max_model_len))  # seeded sampling on CPU (see there)
+        # A process group that exists now is the launch's (gspo.training.distributed), not the engine's: kept.
+        self._outer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             self.llm = LLM(**kwargs)
         except BaseException:
@@ -197,11 +204,35 @@ class VLLMColocateEngine:
             engine = getattr(llm, "llm_engine", None)
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if callable(shutdown):
-                shutdown()
+                with _keep_default_group(getattr(self, "_outer_group", False)):
+                    shutdown()
             self.llm = None
         if getattr(self, "_tokenizer_tmp", None):  # the links vllm_compat.tokenizer_dir_for_vllm made
             shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)
             self._tokenizer_tmp = None
+
+
+@contextmanager
+def _keep_default_group(keep: bool) -> Iterator[None]:
+    """Inside the block, destroying the default process group (vLLM's shutdown does) is a no-op when `keep`;
+    the engine's own groups are destroyed as before."""
+    import torch.distributed as dist
+
+    if not keep:
+        yield
+        return
+    real = dist.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is None or group is dist.GroupMember.WORLD:
+            return
+        real(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = real
 
 
 def _sized_kv_cache(model_path: str, dtype: str, num_seqs: int, max_model_len: int) -> int | None:
