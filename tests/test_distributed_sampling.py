@@ -108,3 +108,48 @@ def test_eval_on_two_processes_writes_the_one_process_numbers(tmp_path):
     assert ev2 == ev1 and ev1["num_prompts"] == 13
     assert printed.count("wrote ") == 1 and printed.count("pass@1: ") == 1  # rank 0 prints, once
     assert 0 < ev1["pass@1"] < ev1["pass@4"] < 1  # the numbers compared have spread
+
+
+SFT = """
+stage: sft
+seed: 0
+model: {name_or_path: "tiny:qwen3_moe", dtype: float32}
+data: {task: add, num_samples: 64, task_kwargs: {digits: 1}}
+sft: {max_steps: 2, batch_size: 4, max_length: 64}
+optim: {lr: 1.0e-3, scheduler: constant}
+logging: {log_every: 1, progress: false}
+"""
+
+PIPELINE = """
+name: two_stages
+output_dir: unused
+eval: {config: eval.yaml}
+stages:
+  - {name: rejection_sampling, config: train.yaml}
+  - {name: rs_sft, config: sft.yaml, eval: true}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_on_two_processes_runs_each_stage_and_evaluation_once(tmp_path):
+    """rejection_sampling, then an SFT on its data evaluated after it, as `gspo pipeline` on two processes: one
+    process is the main one (one manifest, one log line per event), the data file is the one-process run's,
+    every process takes part in the evaluation (every prompt scored once) and rank 0 writes eval.json."""
+    for name, text in (("train.yaml", REJECTION), ("sft.yaml", SFT), ("eval.yaml", EVAL)):
+        (tmp_path / name).write_text(text)
+    one, _, _ = _run(tmp_path, "train", REJECTION, "one", 1)
+    two, scored, printed = _run(tmp_path, "pipeline", PIPELINE, "two", 2)
+    with open(os.path.join(one, "data.jsonl"), encoding="utf-8") as a, \
+            open(os.path.join(two, "rejection_sampling", "data.jsonl"), encoding="utf-8") as b:
+        assert b.read() == a.read()
+    manifest = _json(os.path.join(two, "manifest.json"))
+    assert [(s["name"], s["status"]) for s in manifest["stages"]] == [("rejection_sampling", "done"),
+                                                                         ("rs_sft", "done")]
+    assert printed.count("[pipeline] stage rejection_sampling: done") == 1
+    assert printed.count("[pipeline] stage rs_sft: eval of") == 1
+    with open(os.path.join(two, "rs_sft", "metrics.jsonl"), encoding="utf-8") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    ev = _json(os.path.join(two, "rs_sft", "eval.json"))
+    assert ev["num_prompts"] == 13 and manifest["stages"][1]["eval"]["pass@1"] == ev["pass@1"]
+    # Scored by both processes, each completion once: the rejection stage's 13 x 4, then the evaluation's.
+    assert all(scored) and len(scored[0]) + len(scored[1]) == 2 * 13 * 4
