@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -63,12 +64,33 @@ def _run(tmp_path, command: str, text: str, name: str, processes: int) -> tuple[
         env.pop(v, None)
     launch = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node",
               str(processes), "-m"] if processes > 1 else [sys.executable, "-m"]
-    r = subprocess.run([*launch, "gspo", command, str(config), f"output_dir={out}"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300, check=False)
+    # Its own session: a launch that hangs (a rank left waiting in a collective) is killed whole, workers too,
+    # before the test's own time limit.
+    proc = subprocess.Popen([*launch, "gspo", command, str(config), f"output_dir={out}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_workers(f"output_dir={out}")  # torchrun's workers leave its process group
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"gspo {command} on {processes} process(es) hung: {(stdout + stderr)[-3000:]}")
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     ranks = [(scored / f"rank-{i}").read_text().splitlines() if (scored / f"rank-{i}").exists() else []
              for i in range(processes)]
     return str(out), ranks, r.stdout
+
+
+def _kill_workers(marker: str) -> None:
+    """SIGKILL every process whose command line contains `marker` (this test's own output folder)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _json(path: str, *drop: str) -> dict:
@@ -84,9 +106,13 @@ def _check_shares(one: list[list[str]], two: list[list[str]]) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_rejection_sampling_on_two_processes_writes_the_one_process_files(tmp_path):
-    one, scored1, _ = _run(tmp_path, "train", REJECTION, "one", 1)
-    two, scored2, _ = _run(tmp_path, "train", REJECTION, "two", 2)
+@pytest.mark.parametrize("engine", ["vllm_colocate", "hf_generate"])
+def test_rejection_sampling_on_two_processes_writes_the_one_process_files(tmp_path, engine):
+    """hf_generate: one call per prompt (`hf_batch_prompts: 1`, the seeds of a lone prompt), so the ranks make
+    different numbers of calls (8 and 5): each generates on its own (no `synced_gpus` for an unsharded model)."""
+    config = REJECTION.replace("engine: vllm_colocate,", f"engine: {engine}, hf_batch_prompts: 1,")
+    one, scored1, _ = _run(tmp_path, "train", config, "one", 1)
+    two, scored2, _ = _run(tmp_path, "train", config, "two", 2)
     _check_shares(scored1, scored2)
     with open(os.path.join(one, "data.jsonl"), encoding="utf-8") as a, \
             open(os.path.join(two, "data.jsonl"), encoding="utf-8") as b:
