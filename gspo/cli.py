@@ -245,7 +245,9 @@ def _eval(args: argparse.Namespace) -> int:
     if not cfg.rewards:
         return _fail("rewards: `gspo eval` scores samples with the config's reward functions and it has none; "
                      "add e.g. `rewards: [synthetic_accuracy]` (or use an eval config such as recipes/tiny/eval.yaml)")
-    result = run_eval(cfg)  # writes OUTPUT_DIR/eval.json
+    result = run_eval(cfg)  # writes OUTPUT_DIR/eval.json (several processes: each samples its share, rank 0 writes)
+    if launch_rank() != 0:
+        return 0
     # pass@1 / pass@k first, then the other numbers (mean rewards: accuracy, format rate, ...).
     for key in sorted(result, key=lambda k: (not k.startswith("pass@"), k)):
         if isinstance(result[key], (int, float)) and not isinstance(result[key], bool):

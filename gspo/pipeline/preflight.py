@@ -93,20 +93,22 @@ def _server_problem(url: str) -> str | None:
     return None
 
 
-def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = ()
+def preflight(cfg: Config, *, output_dir: bool = True, skip: tuple[str, ...] = (), evaluation: bool = False
               ) -> tuple[list[ConfigError], list[str]]:
     """Problems and notes (see the module docstring). `output_dir=False` leaves the folder checks to a caller
-    that manages the folder (the pipeline); `skip`: keys whose inputs an earlier pipeline stage writes."""
+    that manages the folder (the pipeline); `skip`: keys whose inputs an earlier pipeline stage writes;
+    `evaluation`: the config of an evaluation, whose `stage` does not run (the launch-size checks of the stage
+    are left out: an evaluation splits its prompts over any number of processes)."""
     from gspo.pipeline.run_record import check_output_dir
     from gspo.rewards import RewardLoadError, RewardSet
 
     problems: list[ConfigError] = []
     notes: list[str] = []
-    too_many = process_count_problem(cfg.stage, STAGES.get(cfg.stage).max_processes)
+    too_many = None if evaluation else process_count_problem(cfg.stage, STAGES.get(cfg.stage).max_processes)
     if too_many:
         problems.append(ConfigError(f"stage: {too_many}", "stage"))
     world, var = launch_processes()
-    if world > 1 and cfg.stage == "rl" and cfg.rollout.prompts_per_step % world:
+    if world > 1 and cfg.stage == "rl" and not evaluation and cfg.rollout.prompts_per_step % world:
         # Each process samples whole prompts (a group is never split across processes): B/N each.
         problems.append(ConfigError(
             f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts cannot be split evenly over the "

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any
 
+from gspo.launch import launch_processes
 from gspo.pipeline.manifest import (
     changed_keys,
     config_hash,
@@ -57,16 +58,20 @@ def run_eval_for(stage: ResolvedStage, output: str) -> dict[str, Any]:
 
 
 class _Processes:
-    """Under `accelerate launch` one pipeline process runs per GPU: every process runs each stage (a stage
-    is a distributed job), only the main one writes the manifest, clears stage directories and writes the
-    report, and all of them meet at a barrier around each of those writes."""
+    """Under `accelerate launch` / torchrun one pipeline process runs per GPU (or several on a CPU): every
+    process runs each stage and each evaluation (all are distributed jobs), only the main one writes the
+    manifest, clears stage directories and writes the report, and all of them meet at a barrier around each of
+    those writes."""
 
     def __init__(self) -> None:
         self.state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launch_processes()[0] > 1:
+            import torch
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # Without `cpu=True` accelerate counts one process on a machine without CUDA (gspo/launch.py): every
+            # process would be the main one.
+            self.state = PartialState(cpu=not torch.cuda.is_available())
 
     @property
     def main(self) -> bool:
@@ -189,11 +194,12 @@ def _run_stage(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifes
         _record_failure(pipe, entry, manifest, e, start, procs)
         raise
     procs.barrier()
+    # On every process: the evaluation (every process runs it) and the later stages' wiring read the output.
+    entry.update({"status": "trained", "output": os.path.abspath(output) if output else None,
+                  "wall_s": round(time.time() - start, 3)})
     if procs.main:
         note_written(cfg.output_dir)
         # Recorded before the evaluation: a failed evaluation never costs the trained stage.
-        entry.update({"status": "trained", "output": os.path.abspath(output) if output else None,
-                      "wall_s": round(time.time() - start, 3)})
         write_manifest(pipe.output_dir, manifest)
 
 
@@ -230,13 +236,15 @@ def _record_failure(pipe: Pipeline, entry: dict[str, Any], manifest: dict[str, A
 
 def _evaluate_and_finish(pipe: Pipeline, st: ResolvedStage, entry: dict[str, Any], manifest: dict[str, Any],
                          *, procs: _Processes) -> None:
-    """The stage's evaluation (main process only: one engine, one eval.json), then status done."""
+    """The stage's evaluation (every process samples its share, the main one writes eval.json), then status
+    done."""
     from gspo.pipeline.report import stage_summary
 
     output = entry.get("output")
     start = time.time()
-    if st.eval_config is not None and output and procs.main:
-        _log(f"stage {st.spec.name}: eval of {output}")
+    if st.eval_config is not None and output:
+        if procs.main:
+            _log(f"stage {st.spec.name}: eval of {output}")
         entry["eval_wiring"] = st.eval_wiring
         try:
             entry["eval"] = run_eval_for(st, output)

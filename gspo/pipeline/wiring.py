@@ -98,8 +98,10 @@ def _wired_overrides(wiring: dict[str, dict[str, str]]) -> list[str]:
 
 
 def _build(raw: dict[str, Any], overrides: list[str], source: str, pending: list[str], where: str,
-           problems: list[str], keys: list[str]) -> Config | None:
-    """A checked Config, or None with the problems appended (errors on `pending` keys are expected)."""
+           problems: list[str], keys: list[str], *, evaluation: bool = False) -> Config | None:
+    """A checked Config, or None with the problems appended (errors on `pending` keys are expected).
+    `evaluation`: the config of an evaluation (run_eval reads model, data, rollout, rewards and eval; not its
+    stage)."""
     try:
         cfg = Config.from_dict(raw, overrides)
     except ConfigError as e:
@@ -112,7 +114,7 @@ def _build(raw: dict[str, Any], overrides: list[str], source: str, pending: list
     if not errors:  # the file checks of `gspo validate` (the pipeline manages the stage folders itself)
         from gspo.pipeline.preflight import preflight
 
-        errors = preflight(cfg, output_dir=False, skip=tuple(pending))[0]
+        errors = preflight(cfg, output_dir=False, skip=tuple(pending), evaluation=evaluation)[0]
     for e in errors:
         if e.key not in pending:  # "does not exist (yet)": an earlier stage of this run writes it
             problems.append(f"{where} ({source}): {e}")
@@ -178,7 +180,7 @@ def resolve_stages(pipe: Pipeline, outputs: dict[str, str] | None = None) -> lis
             ev_over = (["model.tiny={}"] + _wired_overrides(ev_wiring) + pipe.eval_overrides + spec.eval
                        + [f"output_dir={_yaml_str(stage_dir)}", "resume_from=null"])
             st.eval_config = _build(base, ev_over, pipe.eval_config or spec.config, list(ev_wiring),
-                                    f"stage {spec.name!r} eval", problems, keys)
+                                    f"stage {spec.name!r} eval", problems, keys, evaluation=True)
             st.eval_wiring = ev_wiring
         resolved.append(st)
     if problems:

@@ -77,14 +77,18 @@ class _DrawnTokenLogprobs:
         return torch.stack(steps, dim=1)
 
 
-def _sharded() -> bool:
-    """Several processes: the policy is FSDP-sharded and every forward is a collective, so `generate` keeps
-    each rank stepping until every rank's sequences are done (`synced_gpus`, made for ZeRO-3 / FSDP). The
-    sharded policy itself samples: an unsharded copy per rank would be a full copy of the model. A finished
-    rank's extra steps sample nothing, so its completions and RNG stream are those of a lone run."""
+def _sharded(model: torch.nn.Module) -> bool:
+    """Several processes and an FSDP-sharded policy (the rl stage's): every forward is a collective, so
+    `generate` keeps each rank stepping until every rank's sequences are done (`synced_gpus`, made for ZeRO-3 /
+    FSDP). The sharded policy itself samples: an unsharded copy per rank would be a full copy of the model. A
+    finished rank's extra steps sample nothing, so its completions and RNG stream are those of a lone run. A
+    whole model per rank (rejection_sampling, an evaluation: each rank samples its own share, possibly in
+    fewer calls or none) generates on its own."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (isinstance(model, FSDPModule) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
 
 
 @contextmanager
@@ -174,7 +178,7 @@ class HFGenerateEngine:
         with _root_gathered(self.model):
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_cfg,
-                logits_processor=processors, synced_gpus=_sharded(),
+                logits_processor=processors, synced_gpus=_sharded(self.model),
             )
         new_tokens = out.sequences[:, p_len:]  # [b*G, steps]
         return new_tokens.cpu(), capture.logprobs(new_tokens).cpu()

@@ -16,6 +16,9 @@
   `reset_prefix_cache()` so no KV computed with old weights is reused. Its cost is `last_sync_stats`.
 - memory: the KV cache is sized from the run (`gspo.rollout.sizing`) unless `kv_cache_memory_bytes` or
   `gpu_memory_utilization` is given; CUDA graphs on GPU unless `enforce_eager` says otherwise.
+- close: vLLM's shutdown destroys the default process group. One the engine did not create (a multi-process
+  launch's, which gspo initialised before the engine started) is kept, so the launch's processes can go on
+  meeting in collectives after an engine closed (a pipeline's next stage, its evaluation).
 - sleep / wake_up: real on GPU (`enable_sleep_mode=True`); on CPU vLLM rejects sleep mode, so they are no-ops
   (one log line says so).
 

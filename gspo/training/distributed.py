@@ -20,10 +20,12 @@ own error, every other rank `PeerFailed` naming it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 import torch
 
@@ -164,3 +166,17 @@ def agree(error: BaseException | None, what: str, d: Dist) -> None:
     if failed:
         rank, msg = failed[0]
         raise PeerFailed(f"{what} failed on rank {rank} of {d.world}: {msg}")
+
+
+def main_first(d: Dist, what: str, fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0, then on the other ranks (a `tiny:` model is built into output_dir once, by rank 0, and
+    the others load what it wrote); a failure on any rank stops every rank (`fail_together`). One process:
+    `fn()`."""
+    result: Any = None
+    with fail_together(d, what):
+        if d.main:
+            result = fn()
+    with fail_together(d, what):
+        if not d.main:
+            result = fn()
+    return result

@@ -4,11 +4,15 @@ DeepSeek-R1's third stage: the RL model's own best answers become supervised dat
 completions per prompt of `data`, scored by `rewards` (weighted sum); the acceptance checks, in the order
 `select` applies them, the mixing of general rows and the files written (`data.jsonl`, which the `sft` stage
 reads, and `stats.json`) are in docs/stages.md. Returns the path of data.jsonl.
+
+Several processes (torchrun / accelerate launch): data parallel over whole prompts, each with the seeds it gets
+in one process; the files rank 0 writes are the ones a one-process run writes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -16,7 +20,8 @@ from typing import Any
 
 from gspo.data import build_dataset, load_rows
 from gspo.registry import STAGES, TASKS, StageSpec
-from gspo.training.evaluation import Scored, load_model_ref, sample_and_score
+from gspo.training.distributed import barrier, fail_together, init_distributed, main_first
+from gspo.training.evaluation import Scored, load_model_ref, rank_engine, sample_and_score
 from gspo.training.summary import sampling_line
 
 REASONS = ("truncated", "too_short", "too_long", "below_threshold", "duplicate", "beyond_best_of")
@@ -87,15 +92,37 @@ def _as_prompt_completion(row: dict[str, Any], path: str, i: int) -> dict[str, A
 
 
 def run_rejection_sampling(cfg: Any) -> str:
+    """The stage (module docstring). Several processes (torchrun / accelerate launch): data parallel, each rank
+    samples and scores its share of whole prompts with the seeds of one process (`sample_and_score`), and
+    rank 0 alone writes data.jsonl and stats.json, the same files as one process writes."""
     rc, out = cfg.rejection, cfg.output_dir
-    os.makedirs(out, exist_ok=True)
+    d = init_distributed()
+    if not d.main:  # progress, logs and files come from rank 0 only
+        logging.getLogger("gspo").setLevel(logging.WARNING)
+    barrier(d)  # rank 0 claimed the output folder (gspo.cli) before anyone writes into it
+    if d.main:
+        os.makedirs(out, exist_ok=True)
     rows = build_dataset(cfg.data, seed=cfg.seed).rows
     rows = rows[: rc.num_prompts] if rc.num_prompts else rows
-    path, tokenizer = load_model_ref(cfg)
-    scored = sample_and_score(cfg, rows, model_path=path, tokenizer=tokenizer, n=cfg.rollout.group_size,
-                              seed=cfg.seed)
-    accepted, rejected = select(scored, rc)
+    path, tokenizer = main_first(d, "loading the model", lambda: load_model_ref(cfg))  # a `tiny:` model: built once
+    with rank_engine(cfg, path, tokenizer, rows, d) as engine:
+        scored = sample_and_score(cfg, rows, model_path=path, tokenizer=tokenizer, n=cfg.rollout.group_size,
+                                  seed=cfg.seed, engine=engine, dist=d)
+        accepted, rejected = select(scored, rc)
+        num_accepted = sum(len(idx) for idx in accepted)
+        with fail_together(d, "writing data.jsonl and stats.json"):  # before the engine closes (rank_engine)
+            if d.main:
+                _write(cfg, path, rows, scored, accepted, rejected)
+    if num_accepted == 0:
+        raise RuntimeError(f"rejection_sampling: no completion of {len(scored.completions)} was accepted "
+                           f"(rejections per reason: {rejected}); lower rejection.min_reward or check the rewards")
+    return os.path.join(out, "data.jsonl")
 
+
+def _write(cfg: Any, path: str, rows: list[dict[str, Any]], scored: Scored, accepted: list[list[int]],
+           rejected: dict[str, int]) -> None:
+    """data.jsonl (the accepted completions, mixed with general rows) and stats.json."""
+    rc, out = cfg.rejection, cfg.output_dir
     data = [{"prompt": row["prompt"], "completion": scored.completions[i], "reward": scored.rewards[i],
              "source": "rejection_sampling"} for row, idx in zip(rows, accepted) for i in idx]
     num_accepted = len(data)
@@ -120,10 +147,6 @@ def run_rejection_sampling(cfg: Any) -> str:
     }
     with open(os.path.join(out, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=1)
-    if num_accepted == 0:
-        raise RuntimeError(f"rejection_sampling: no completion of {len(scored.completions)} was accepted "
-                           f"(rejections per reason: {rejected}); lower rejection.min_reward or check the rewards")
-    return os.path.join(out, "data.jsonl")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -142,4 +165,5 @@ STAGES.register("rejection_sampling", StageSpec(
     name="rejection_sampling", runner=run_rejection_sampling,
     help="sample k answers per prompt, keep the good ones, write an SFT dataset",
     sections=("rejection", "rollout"), consumes=("policy",), produces="data", output="data.jsonl",
-    needs_rewards=True, summary=_summary))
+    needs_rewards=True, summary=_summary,
+    max_processes=None))  # data parallel over any launch (run_rejection_sampling)
