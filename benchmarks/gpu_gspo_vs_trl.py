@@ -5,15 +5,19 @@ Setting (TRL's GSPO anchor): a Qwen3-30B-A3B-shaped MoE cut to 4 layers (hidden 
 rollout, clip 3e-4/4e-4, lr 1e-6. Runs, each in its own process (so each peak is its own):
 
 - gspo_vllm:    gspo's trainer, rollout.engine=vllm_colocate at its defaults (CUDA graphs, KV cache sized from
-                the run); hop split and weight-sync cost from its metric rows.
+                the run, the engine's logprobs on rollouts 1-3 and every 10th for logp_gap/*); hop split and
+                weight-sync cost from its metric rows, the cycles with and without engine logprobs apart.
+- gspo_vllm_logp: gspo_vllm with rollout.logp_gap_every=1 (the engine returns logprobs on every rollout, as
+                TRL's default importance-sampling correction has vLLM do).
 - trl_vllm:     TRL GRPOTrainer in GSPO mode (importance_sampling_level="sequence"), use_vllm=True,
                 vllm_mode="colocate" (vllm_gpu_memory_utilization 0.3, TRL's default is 0.3 too).
 - gspo_hf / trl_hf: the same two with HF generate.
 - gspo_vllm_reload / gspo_vllm_sleep: gspo_vllm with every sync through vLLM's reload_weights (no verified
                 in-place copy, `weight_sync.DIRECT_COPY = False`) / with rollout.sleep_between_rollouts=true.
-- llm_generate: plain `vllm.LLM.generate` of the same requests (8 prompts, n=8, 256 tokens, logprobs=0, per-prompt
-                seeds, no detokenization) on an engine built like gspo's, to compare the rollout hop with; also
-                the same with detokenize=True and without seeds, and gspo's engine.generate.
+- llm_generate: plain `vllm.LLM.generate` of the same requests (8 prompts, n=8, 256 tokens, per-prompt seeds, no
+                detokenization, no logprobs) on an engine built like gspo's, to compare the rollout hop with;
+                also with flat logprobs=0 (a logp_gap rollout's requests), with detokenize=True, without seeds,
+                and gspo's engine.generate with and without logprobs.
 - <run>_v1:     any vLLM run under vLLM's V1 GPU model runner (VLLM_USE_V2_MODEL_RUNNER=0; gspo asks for V2).
 
 Per run: median seconds per rollout cycle over the cycles after the first (warm-up), peak device memory (the
@@ -47,7 +51,8 @@ CUDA = torch.cuda.is_available()
 SMOKE = os.environ.get("GSPO_BENCH_SMOKE") == "1"
 if SMOKE:
     VOCAB, NEW_TOKENS = 6000, 8
-RUNS = ("gspo_vllm", "llm_generate", "trl_vllm", "gspo_hf", "trl_hf", "gspo_vllm_reload", "gspo_vllm_sleep")
+RUNS = ("gspo_vllm", "llm_generate", "trl_vllm", "gspo_hf", "trl_hf", "gspo_vllm_reload", "gspo_vllm_sleep",
+        "gspo_vllm_logp")
 # Any vLLM run + "_v1" (e.g. gspo_vllm_v1, llm_generate_v1): the same under vLLM's V1 GPU model runner.
 
 
@@ -166,7 +171,13 @@ def run_gspo(root: str, model_path: str, engine: str, cycles: int, overrides: li
     out["hops"] = {k[7:]: round(statistics.median(r[k] for r in steady), 4) for k in steady[0]
                    if k.startswith("timing/")}
     out["sync"] = {k: round(statistics.median(r[k] for r in steady), 4) for k in steady[0] if k.startswith("sync/")}
-    last = rows[-1]
+    # Rollouts that asked the engine for logprobs (logp_gap/*) against those that did not.
+    for name, part in (("with_engine_logprobs", [r for r in steady if "logp_gap/mean" in r]),
+                       ("without_engine_logprobs", [r for r in steady if "logp_gap/mean" not in r])):
+        if part:
+            out[name] = {"n": len(part), "cycle_s": round(statistics.median(r["timing/step"] for r in part), 4),
+                         "rollout_s": round(statistics.median(r["timing/rollout"] for r in part), 4)}
+    last = next((r for r in reversed(rows) if "logp_gap/mean" in r), rows[-1])
     out["last"] = {k: round(float(last[k]), 5) for k in ("completions/mean_length", "logp_gap/mean", "logp_gap/max",
                                                           "clip_frac/low", "clip_frac/high") if k in last}
     eng = trainer.engine
@@ -242,12 +253,13 @@ def run_llm_generate(root: str, model_path: str, cycles: int) -> dict:
         # The requests gspo's engine issues (seeded per prompt, logprobs=0, no detokenization) are the floor; the
         # variants show what each costs: detokenize=True (vLLM's per-token incremental detokenizer, what gspo
         # asked for before), no seeds (the V1 runner's per-request sampling loop gone).
-        variants = {"same_requests": {}, "detokenize": {"detokenize": True}, "unseeded": {"seed": None}}
-        times: dict[str, list[float]] = {v: [] for v in [*variants, "engine"]}
+        variants = {"same_requests": {}, "logprobs": {"logprobs": 0, "flat_logprobs": True},
+                    "detokenize": {"detokenize": True}, "unseeded": {"seed": None}}
+        times: dict[str, list[float]] = {v: [] for v in [*variants, "engine", "engine_logprobs"]}
         for c in range(cycles):
             batch = ids[c * PROMPTS:(c + 1) * PROMPTS]
             for name, change in variants.items():
-                params = [SamplingParams(**{"n": G, "temperature": 1.0, "max_tokens": NEW_TOKENS, "logprobs": 0,
+                params = [SamplingParams(**{"n": G, "temperature": 1.0, "max_tokens": NEW_TOKENS, "logprobs": None,
                                             "seed": 1000 * c + b, "detokenize": False,
                                             "stop_token_ids": [tokenizer.eos_token_id], **change})
                           for b in range(PROMPTS)]
@@ -256,10 +268,12 @@ def run_llm_generate(root: str, model_path: str, cycles: int) -> dict:
                 eng.llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
                 sync()
                 times[name].append(time.perf_counter() - t)
-            t = time.perf_counter()  # the same requests through gspo's generate (assembly of the batch included)
-            eng.generate(batch, SamplingSpec(n=G, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=c))
-            sync()
-            times["engine"].append(time.perf_counter() - t)
+            for name, logprobs in (("engine", False), ("engine_logprobs", True)):
+                t = time.perf_counter()  # the same requests through gspo's generate (the batch's assembly included)
+                eng.generate(batch, SamplingSpec(n=G, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=c,
+                                                 logprobs=logprobs))
+                sync()
+                times[name].append(time.perf_counter() - t)
     med = {k: round(statistics.median(v[1:]), 4) for k, v in times.items()}
     return {"cycle_s": med["same_requests"], "engine_generate_s": med["engine"], "variants_s": med,
             "peak_gib": mem.peak / 2**30, "cycles": [round(x, 3) for x in times["same_requests"]],
@@ -277,6 +291,8 @@ def child(run: str, root: str, model_path: str, cycles: int, overrides: list[str
 
         weight_sync.DIRECT_COPY = False
         return run_gspo(root, model_path, "vllm_colocate", cycles, overrides)
+    if run == "gspo_vllm_logp":
+        return run_gspo(root, model_path, "vllm_colocate", cycles, [*overrides, "rollout.logp_gap_every=1"])
     if run == "gspo_vllm_sleep":
         return run_gspo(root, model_path, "vllm_colocate", cycles, [*overrides, "rollout.sleep_between_rollouts=true"])
     if run == "gspo_hf":
@@ -337,8 +353,10 @@ def main() -> None:
     if "gspo_vllm" in results and "trl_vllm" in results:
         print(f"gspo_vllm / trl_vllm = {results['gspo_vllm']['cycle_s'] / results['trl_vllm']['cycle_s']:.2f}")
     if "gspo_vllm" in results and "llm_generate" in results:
-        hop = results["gspo_vllm"]["hops"].get("rollout")
-        print(f"rollout hop / LLM.generate = {hop / results['llm_generate']['cycle_s']:.3f}")
+        g, floor = results["gspo_vllm"], results["llm_generate"]["variants_s"]
+        for part, variant in (("without_engine_logprobs", "same_requests"), ("with_engine_logprobs", "logprobs")):
+            if part in g:  # each rollout hop against LLM.generate of the same requests
+                print(f"rollout hop {part} / LLM.generate ({variant}) = {g[part]['rollout_s'] / floor[variant]:.3f}")
 
 
 if __name__ == "__main__":

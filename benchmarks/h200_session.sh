@@ -7,6 +7,7 @@
 #                                              # (RUNS=... picks others of gpu_gspo_vs_trl.py's runs)
 #   bash benchmarks/h200_session.sh profile    # one cycle split by hop (benchmarks/profile_cycle.py)
 #   bash benchmarks/h200_session.sh families   # the GPU weight-sync test for DeepSeek-V3, GPT-OSS, Qwen2-MoE
+#                                              # (FAMILIES="gpt_oss qwen2_moe" picks some)
 #   bash benchmarks/h200_session.sh lora24     # the 24-layer Qwen3-30B-A3B LoRA rl stage, 5 rollouts
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,18 +27,18 @@ part() {  # name, command...: run it, keep its log, say how long it took and how
   "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc $rc, $((SECONDS - t0)) s"
-  grep -E "^(HOPS|GPU |SAME_REQUESTS|ROLLOUT|SUMMARY|gspo_vllm|llm_generate|trl_vllm|gspo_hf|trl_hf)|passed|failed|Error|: gap at start" \
+  grep -E "^(HOPS|GPU |SYNCS|SAME_REQUESTS|ROLLOUT|SUMMARY|gspo_vllm|llm_generate|trl_vllm|gspo_hf|trl_hf|rollout hop)|passed|failed|Error|: gap at start" \
     "$OUT/$name.log" | cut -c1-1500 | tail -40
 }
 
 case "${1:?part: bench, profile, families or lora24}" in
   bench)
-    part bench "$PY" benchmarks/gpu_gspo_vs_trl.py --runs "${RUNS:-gspo_vllm,llm_generate,trl_vllm}" --cycles 6 \
+    part bench "$PY" benchmarks/gpu_gspo_vs_trl.py --runs "${RUNS:-gspo_vllm,llm_generate,trl_vllm}" --cycles 8 \
       --out "$OUT/bench.jsonl" ;;
   profile)
     part profile "$PY" benchmarks/profile_cycle.py --cycles 5 ;;
   families)  # vLLM's sleep-mode allocator: one engine per process, so one pytest process per family
-    for family in deepseek_v3 gpt_oss qwen2_moe; do
+    for family in ${FAMILIES:-deepseek_v3 gpt_oss qwen2_moe}; do
       part "sync-$family" "$PY" -m pytest -q -s -m gpu tests/test_gpu_sync.py -k "per_family and $family" -p no:cacheprovider
     done ;;
   lora24)

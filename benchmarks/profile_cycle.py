@@ -6,12 +6,16 @@
    busy fraction (union of kernel / copy intervals inside the hop's window), the kernels that took the most GPU
    time, the kernel / graph launches, and the host calls that waited for the GPU (cudaStreamSynchronize and
    friends: count and seconds).
-3. One cycle under cProfile: the Python functions that took the most host time (tottime), for the hops the GPU
+3. One cycle under `torch.cuda.set_sync_debug_mode("warn")` (GPU): the host-device synchronisations per hop
+   and per call site (SYNCS).
+4. One cycle under cProfile: the Python functions that took the most host time (tottime), for the hops the GPU
    profile shows to be host-bound.
-4. In the same process, right after the plain cycles (before any profiler), on the trainer's own engine: plain `LLM.generate` of the requests gspo's engine issues
+5. In the same process, right after the plain cycles (before any profiler), on the trainer's own engine: plain `LLM.generate` of the requests gspo's engine issues
    (seeded per prompt, logprobs=0 as flat lists, no detokenization), the same with per-token logprob dicts (what
    a plain call returns by default), without logprobs, with Python's garbage collector off, and gspo's
-   `engine.generate` of them: the rollout hop's floor measured next to the hop itself.
+   `engine.generate` of them with and without logprobs: the rollout hop's floor measured next to the hop.
+   The plain cycles' hops are printed apart for rollouts without and with the engine's logprobs (HOPS,
+   HOPS_ENGINE_LOGPROBS; rollout.logp_gap_every).
 
     python benchmarks/profile_cycle.py --cycles 5 [gspo overrides]
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import dataclasses
 import gc
 import io
 import json
@@ -109,11 +114,51 @@ def same_requests(trainer, rows: int, reps: int) -> dict:
             bench.sync()
             times[name].append(time.perf_counter() - t)
             gc.enable()
-        t = time.perf_counter()
-        eng.generate(ids, spec)
-        bench.sync()
-        times["engine_generate"].append(time.perf_counter() - t)
+        for name, logprobs in (("engine_generate", True), ("engine_generate_no_logprobs", False)):
+            t = time.perf_counter()
+            eng.generate(ids, dataclasses.replace(spec, logprobs=logprobs))
+            bench.sync()
+            times[name].append(time.perf_counter() - t)
     return {k: round(statistics.median(v), 4) for k, v in times.items()}
+
+
+SYNC_FRAMES = ("/gspo/", "/transformers/", "/vllm/", "/peft/", "/accelerate/")
+
+
+def sync_sites(trainer, top: int) -> dict:
+    """One cycle under `torch.cuda.set_sync_debug_mode("warn")`: every host-device synchronisation warns while
+    its caller is on the stack. Counted per hop (the trainer method on the stack) and per call site (the
+    innermost three frames of gspo / transformers / vLLM / peft / accelerate): the update's and π_old's syncs
+    are where their GPU idles (the GPU profile's host waits)."""
+    import traceback
+    import warnings
+
+    import torch
+
+    hops = {"_update": "update", "_old_logprobs": "old_logprobs", "generate": "rollout", "update_weights":
+            "weight_sync", "_reference": "ref_logprobs", "rollout_metrics": "moe_metrics"}
+    by_site: collections.Counter = collections.Counter()
+    by_hop: collections.Counter = collections.Counter()
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        stack = [f for f in traceback.extract_stack()[:-1] if any(k in f.filename for k in SYNC_FRAMES)]
+        hop = next((hops[f.name] for f in stack if f.name in hops and "/gspo/" in f.filename), "other")
+        by_hop[hop] += 1
+        site = " <- ".join(f"{f.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno} {f.name}"
+                           for f in reversed(stack[-3:]))
+        by_site[f"[{hop}] {site or filename + ':' + str(lineno)}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"per_hop": dict(by_hop.most_common()), "sites": by_site.most_common(top * 3)}
 
 
 def main() -> None:
@@ -133,8 +178,11 @@ def main() -> None:
     trainer = GSPOTrainer(cfg)
     rows = [trainer.step()[-1] for _ in range(args.cycles)]
     steady = rows[1:]
-    hops = {k[7:]: round(statistics.median(r[k] for r in steady), 4) for k in steady[0] if k.startswith("timing/")}
-    print("HOPS " + json.dumps(hops), flush=True)
+    for name, part in (("", [r for r in steady if "logp_gap/mean" not in r]),  # the default rollout
+                       ("_ENGINE_LOGPROBS", [r for r in steady if "logp_gap/mean" in r])):  # a logp_gap rollout
+        if part:
+            hops = {k[7:]: round(statistics.median(r[k] for r in part), 4) for k in part[0] if k.startswith("timing/")}
+            print(f"HOPS{name} " + json.dumps({"cycles": len(part), **hops}), flush=True)
     # Before any profiling: after torch.profiler has run in a process, its generate calls were measured slower.
     print("SAME_REQUESTS " + json.dumps(same_requests(trainer, bench.PROMPTS, 3)), flush=True)
 
@@ -147,6 +195,12 @@ def main() -> None:
     prof.export_chrome_trace(trace)
     for hop, info in split_trace(trace, args.top).items():
         print(f"GPU {hop} " + json.dumps(info), flush=True)
+
+    if bench.CUDA:
+        try:
+            print("SYNCS " + json.dumps(sync_sites(trainer, args.top)), flush=True)
+        except Exception as e:  # noqa: BLE001 (a diagnostic: the cProfile part still runs)
+            print(f"SYNCS failed: {type(e).__name__}: {e}", flush=True)
 
     pr = cProfile.Profile()
     pr.enable()

@@ -124,6 +124,16 @@ def test_seeds(setup):
     assert len({tuple(r) for r in a.completion_ids[:3].tolist()}) > 1
 
 
+def test_a_call_without_logprobs_draws_the_same_tokens(setup):
+    """SamplingSpec.logprobs=False drops the logprob capture (a full-vocab log_softmax per step), not a token."""
+    *_, engine, prompts = setup
+    spec = SamplingSpec(n=3, max_new_tokens=8, temperature=0.7, top_k=20, seed=11)
+    with_lp, without = engine.generate(prompts, spec), engine.generate(prompts, dataclasses.replace(spec, logprobs=False))
+    assert without.logp is None and with_lp.logp is not None
+    assert torch.equal(without.completion_ids, with_lp.completion_ids) and torch.equal(without.mask, with_lp.mask)
+    assert without.finish_reasons == with_lp.finish_reasons
+
+
 def test_a_slice_sampled_with_its_offset_gets_the_whole_calls_completions(setup):
     """One prompt per generate call: a process sampling prompts[1:] with first_prompt=1 gets exactly the rows
     the whole call gives them (how a rollout split across processes keeps the unsplit run's samples)."""

@@ -139,6 +139,19 @@ def test_a_slice_sampled_with_its_offset_gets_the_whole_calls_completions(setup)
     assert not torch.equal(engine.generate(prompts[1:], SPEC).completion_ids, part.completion_ids)
 
 
+def test_a_call_without_logprobs_draws_the_same_tokens(setup):
+    """SamplingSpec.logprobs=False (the trainer's rollouts between logp_gap/* checks, evaluations): no logp, and
+    exactly the tokens of the same call with logprobs, so whether a rollout asks changes none of its samples."""
+    import dataclasses
+
+    _, _, _, engine, prompts = setup
+    with_lp = engine.generate(prompts, SPEC)
+    without = engine.generate(prompts, dataclasses.replace(SPEC, logprobs=False))
+    assert without.logp is None and with_lp.logp is not None
+    assert torch.equal(without.completion_ids, with_lp.completion_ids) and torch.equal(without.mask, with_lp.mask)
+    assert without.completions == with_lp.completions and without.finish_reasons == with_lp.finish_reasons
+
+
 def test_finish_reasons(setup):
     _, tok, _, engine, prompts = setup
     cut = engine.generate(prompts, SamplingSpec(n=2, max_new_tokens=3, seed=0))

@@ -73,10 +73,29 @@ def test_tiny_recipe_reward_rises_with_vllm(warm_model, tmp_path):
                 "timing/advantages", "timing/old_logprobs", "timing/update", "timing/weight_sync"):
         assert key in last_row, key
     assert last_row["step"] == 400 and last_row["updates_per_rollout"] == 4
-    # vLLM (fp32) samples from the same distribution the trainer computes: the weight sync worked every time.
-    assert max(r["logp_gap/max"] for r in rows) < 1e-3
+    # vLLM (fp32) samples from the same distribution the trainer computes: the weight sync worked at every
+    # check, and the engine returned its logprobs exactly on the rollouts rollout.logp_gap_every=10 names.
+    checked = [r["rollout"] for r in rows if r["minibatch"] == 0 and "logp_gap/max" in r]
+    assert checked == [1, 2, 3, *range(10, 101, 10)], checked
+    assert max(r["logp_gap/max"] for r in rows if "logp_gap/max" in r) < 1e-3
     assert os.path.isfile(out / "final" / "config.json")
     assert os.path.isfile(out / "samples.jsonl")
+
+
+def test_which_rollouts_ask_the_engine_for_logprobs(tmp_path):
+    """logp_gap/* on rollouts 1-3 and every k-th; every rollout when the update reads the engine's logprobs."""
+    from gspo.training.trainer import wants_engine_logprobs
+
+    def asked(*args):
+        cfg = tiny_config("reasoning_rl.yaml", tmp_path, *args)
+        return [k for k in range(1, 26) if wants_engine_logprobs(cfg, k)]
+
+    assert asked() == [1, 2, 3, 10, 20]  # the default, rollout.logp_gap_every=10
+    assert asked("rollout.logp_gap_every=4") == [1, 2, 3, 4, 8, 12, 16, 20, 24]
+    assert asked("rollout.logp_gap_every=1") == list(range(1, 26))
+    assert asked("rollout.logp_gap_every=0") == []
+    for needs in ("rollout.old_logp_source=engine", "algorithm.tis_cap=2.0", "algorithm.tis_mask_bound=0.5"):
+        assert asked("rollout.logp_gap_every=0", needs) == list(range(1, 26)), needs
 
 
 def _short_run(out, warm_model, *args):

@@ -113,6 +113,11 @@ class RolloutConfig(Section):
         "pi_old log-probs: `trainer` recomputes them with a forward pass; `engine` uses the sampler's "
         "log-probs (skips that pass; GSPO's sequence ratio tolerates small precision gaps). Both are the "
         "sampler's distribution after temperature, top-k and top-p.")
+    logp_gap_every: int = field(10,
+        "The engine returns its sampled tokens' logprobs for logp_gap/* (engine vs trainer pi_old) on the first "
+        "3 rollouts and every k-th after; 1 = every rollout, 0 = never. Rollouts that need them "
+        "(old_logp_source=engine, algorithm.tis_cap / tis_mask_bound, max_staleness > 0) always get them.",
+        ge=0)
     sleep_between_rollouts: bool = field(False,
         "Release engine memory between rollouts (vLLM sleep mode; not supported on CPU).")
     max_staleness: int = field(0,

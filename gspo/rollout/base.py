@@ -29,6 +29,9 @@ class SamplingSpec:
     # The index of the call's first prompt in the whole rollout: a process that samples a slice of a rollout
     # passes the slice's offset, so each prompt gets the seeds it gets in the unsplit call (`derive_seed`).
     first_prompt: int = 0
+    # Whether the batch carries the sampler's logprobs (RolloutBatch.logp). Off where nothing reads them:
+    # returning them costs host time per token in vLLM's engine loop (docs/benchmarks.md).
+    logprobs: bool = True
 
 
 @dataclass
@@ -38,7 +41,7 @@ class RolloutBatch:
     completion_ids: [N, T] long, right-padded with `pad_token_id`.
     mask:           [N, T] float, 1.0 on the completion's tokens (EOS included when generated), 0 on padding.
     logp:           [N, T] float32, the sampler's log-probability of each generated token (0 on padding),
-                    or None when the engine cannot return them.
+                    or None when the engine cannot return them or the call did not ask (SamplingSpec.logprobs).
     finish_reasons: N strings, "stop" (EOS or a stop token) or "length" (hit max_new_tokens).
     prompt_ids:     B lists of prompt token ids (unpadded), in the order the prompts were given.
     completions:    N decoded completion texts (special tokens skipped).

@@ -145,7 +145,7 @@ class HFGenerateEngine:
             min_length=0, length_penalty=1.0, renormalize_logits=False,
         ), set(eos)
 
-    def _processors(self, sampling: SamplingSpec) -> tuple[Any, _DrawnTokenLogprobs]:
+    def _processors(self, sampling: SamplingSpec) -> tuple[Any, _DrawnTokenLogprobs | None]:
         from transformers import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -160,11 +160,12 @@ class HFGenerateEngine:
             procs.append(TopKLogitsWarper(sampling.top_k))
         if sampling.temperature != 0 and sampling.top_p < 1.0:
             procs.append(TopPLogitsWarper(sampling.top_p))
-        capture = _DrawnTokenLogprobs()
-        return LogitsProcessorList([*procs, capture]), capture
+        capture = _DrawnTokenLogprobs() if sampling.logprobs else None  # a full-vocab log_softmax per step
+        return LogitsProcessorList([*procs, *([capture] if capture else [])]), capture
 
     @torch.no_grad()
-    def _sample(self, prompts: list[list[int]], sampling: SamplingSpec, gen_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, prompts: list[list[int]], sampling: SamplingSpec,
+                gen_cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Each prompt G times, prompt-major; left-padded so generated tokens start at the same column.
         prompts = [p for p in prompts for _ in range(sampling.n)]
         device = next(self.model.parameters()).device
@@ -181,7 +182,7 @@ class HFGenerateEngine:
                 logits_processor=processors, synced_gpus=_sharded(self.model),
             )
         new_tokens = out.sequences[:, p_len:]  # [b*G, steps]
-        return new_tokens.cpu(), capture.logprobs(new_tokens).cpu()
+        return new_tokens.cpu(), capture.logprobs(new_tokens).cpu() if capture else None
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> RolloutBatch:
         gen_cfg, stop_ids = self._generation_config(sampling)
@@ -203,16 +204,17 @@ class HFGenerateEngine:
             self.model.train(was_training)
         completions, logps, reasons = [], [], []
         for tokens, lp in parts:
-            for row, row_lp in zip(tokens.tolist(), lp.tolist(), strict=True):
+            for row, row_lp in zip(tokens.tolist(), lp.tolist() if lp is not None else [None] * len(tokens),
+                                   strict=True):
                 # Cut at the first stop token (kept, like vLLM); the rest is generate's padding.
                 end = next((k + 1 for k, tok in enumerate(row) if tok in stop_ids), None)
                 completions.append(row[:end] if end is not None else row)
-                logps.append(row_lp[:end] if end is not None else row_lp)
+                if row_lp is not None:
+                    logps.append(row_lp[:end] if end is not None else row_lp)
                 reasons.append("stop" if end is not None else "length")
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return assemble_batch(
-            prompt_ids, completions, logps, reasons, texts, group_size=sampling.n, pad_token_id=self.pad_token_id
-        )
+        return assemble_batch(prompt_ids, completions, logps if sampling.logprobs else None, reasons, texts,
+                              group_size=sampling.n, pad_token_id=self.pad_token_id)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """No-op when sampling with the trainer's own module; else copy its parameters in."""

@@ -36,7 +36,8 @@ class _Server:
             batch = self.engine.generate(body["prompt_ids"], spec)
             version = self.info["weights_version"]
         rows = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.mask, strict=True)]
-        logps = [lp[m.bool()].tolist() for lp, m in zip(batch.logp, batch.mask, strict=True)]
+        logps = None if batch.logp is None else [
+            lp[m.bool()].tolist() for lp, m in zip(batch.logp, batch.mask, strict=True)]
         return {"completions": rows, "logps": logps, "finish_reasons": batch.finish_reasons,
                 "texts": batch.completions, "weights_version": version}
 

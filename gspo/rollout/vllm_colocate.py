@@ -1,7 +1,7 @@
 """Colocated vLLM engine: an in-process `vllm.LLM` next to the trainer, synced through public APIs.
 
 - generate: one request per prompt with `n = group_size`, per-prompt seeds derived from `SamplingSpec.seed`,
-  `logprobs=0` (the sampled token's logprob) under `logprobs_mode="processed_logprobs"`, i.e. after
+  `logprobs=0` (the sampled token's logprob; none when `SamplingSpec.logprobs` is off) under `logprobs_mode="processed_logprobs"`, i.e. after
   temperature / top-k / top-p, the distribution the token was drawn from. vLLM does not detokenize
   (`detokenize=False`: its incremental detokenizer runs per token per request, in the engine loop); the texts
   are one `batch_decode` of the token ids afterwards, exactly as the HF engine makes them, so both engines give
@@ -142,7 +142,7 @@ class VLLMColocateEngine:
                 top_k=max(0, sampling.top_k),
                 max_tokens=sampling.max_new_tokens,
                 seed=derive_seed(sampling.seed, sampling.first_prompt + b, sampling.n),
-                logprobs=0,
+                logprobs=0 if sampling.logprobs else None,
                 # One flat list per completion (vLLM >= 0.11; every supported version): with per-token
                 # dicts of `Logprob` objects the engine loop builds (and the GC scans) N x T objects.
                 flat_logprobs=True,
@@ -169,12 +169,12 @@ class VLLMColocateEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 completions.append(ids)
-                logps.append(_sampled_logprobs(ids, c.logprobs))
+                if sampling.logprobs:
+                    logps.append(_sampled_logprobs(ids, c.logprobs))
                 reasons.append(_finish_reason(c.finish_reason))
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return assemble_batch(
-            prompt_ids, completions, logps, reasons, texts, group_size=sampling.n, pad_token_id=self.pad_token_id
-        )
+        return assemble_batch(prompt_ids, completions, logps if sampling.logprobs else None, reasons, texts,
+                              group_size=sampling.n, pad_token_id=self.pad_token_id)
 
     # ----------------------------------------------------------------------------------------- weight sync
     def update_weights(self, model: torch.nn.Module) -> None:

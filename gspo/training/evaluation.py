@@ -192,7 +192,8 @@ def _sample_part(cfg: Any, engine: Any, rewards: Any, tokenizer: Any, rows: list
     r = cfg.rollout
     chunk = rows[lo:hi]
     sampling = SamplingSpec(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                            top_k=r.top_k, seed=seed * 100_003 + b, first_prompt=lo - b * r.prompts_per_step)
+                            top_k=r.top_k, seed=seed * 100_003 + b, first_prompt=lo - b * r.prompts_per_step,
+                            logprobs=False)  # scored by text: the sampler's logprobs are not read
     batch = engine.generate(ids[lo:hi], sampling)
     conversational = isinstance(chunk[0]["prompt"], list)
     texts = batch.completions

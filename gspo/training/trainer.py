@@ -76,6 +76,19 @@ from gspo.training.summary import rl_summary
 logger = logging.getLogger("gspo.trainer")
 
 
+def wants_engine_logprobs(cfg: Any, rollout: int) -> bool:
+    """Whether rollout `rollout` asks the engine for the sampled tokens' logprobs. Always when the update reads
+    them (old_logp_source=engine, the behaviour correction, stale rollouts' mismatch metrics); else, for
+    logp_gap/* (engine vs the trainer's π_old), on the first three rollouts (the initial weights, the first
+    sync's reload, the first in-place copy) and every rollout.logp_gap_every-th. The loss itself uses the
+    trainer's π_old recompute, and returning logprobs costs vLLM host time per token (docs/benchmarks.md)."""
+    r, a = cfg.rollout, cfg.algorithm
+    if r.old_logp_source == "engine" or r.max_staleness > 0 or a.tis_cap is not None or a.tis_mask_bound is not None:
+        return True
+    every = r.logp_gap_every
+    return every > 0 and (rollout <= 3 or rollout % every == 0)
+
+
 class GSPOTrainer(ShardedSteps, PeriodicEval):
     """The `rl` stage's loop: owns the policy (full or LoRA), its optimizer, the rollout engine, the reward set
     and the MoE monitor; `train()` runs `train.num_rollouts` calls of `step()` with checkpoints and returns
@@ -201,7 +214,8 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
         r = self.cfg.rollout
         k = self.rollout_idx if rollout is None else rollout
         return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                            top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + k)
+                            top_p=r.top_p, top_k=r.top_k, seed=self.cfg.seed * 100_003 + k,
+                            logprobs=wants_engine_logprobs(self.cfg, k))
 
     def _draw(self) -> tuple[list[dict[str, Any]], list[list[int]]]:
         """The next B prompts from the sampler (the same on every rank): all their rows, and the token ids of
