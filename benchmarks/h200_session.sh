@@ -27,7 +27,7 @@ part() {  # name, command...: run it, keep its log, say how long it took and how
   "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc $rc, $((SECONDS - t0)) s"
-  grep -E "^(HOPS|GPU |SYNCS|SAME_REQUESTS|ROLLOUT|SUMMARY|gspo_vllm|llm_generate|trl_vllm|gspo_hf|trl_hf|rollout hop)|passed|failed|Error|: gap at start" \
+  grep -E "^(HOPS|GPU |SYNCS|PAIRED|SAME_REQUESTS|ROLLOUT|SUMMARY|gspo_vllm|llm_generate|trl_vllm|gspo_hf|trl_hf|rollout hop)|passed|failed|Error|: gap at start" \
     "$OUT/$name.log" | cut -c1-1500 | tail -40
 }
 

@@ -14,6 +14,7 @@
    (seeded per prompt, logprobs=0 as flat lists, no detokenization), the same with per-token logprob dicts (what
    a plain call returns by default), without logprobs, with Python's garbage collector off, and gspo's
    `engine.generate` of them with and without logprobs: the rollout hop's floor measured next to the hop.
+   Then PAIRED: `--paired` cycles, each rollout replayed right after its cycle, and again after a weight sync.
    The plain cycles' hops are printed apart for rollouts without and with the engine's logprobs (HOPS,
    HOPS_ENGINE_LOGPROBS; rollout.logp_gap_every).
 
@@ -122,6 +123,41 @@ def same_requests(trainer, rows: int, reps: int) -> dict:
     return {k: round(statistics.median(v), 4) for k, v in times.items()}
 
 
+def paired_rollouts(trainer, cycles: int) -> dict:
+    """The rollout hop next to the same call made again right after the cycle (same prompts, same SamplingSpec),
+    and once more after a weight sync of unchanged weights: one pair per cycle, so drift between calls (the
+    same LLM.generate varies by +-20% over a minute on the H200) cancels. A replay as slow as the hop means
+    the hop is the engine's generate; a fast replay means something about the cycle slows its rollout."""
+    eng = trainer.engine
+    calls = []
+    real = eng.generate
+
+    def recording(prompt_ids, sampling):
+        calls.append((prompt_ids, sampling))
+        return real(prompt_ids, sampling)
+
+    eng.generate = recording
+    out = collections.defaultdict(list)
+    try:
+        for _ in range(cycles):
+            row = trainer.step()[-1]
+            prompt_ids, sampling = calls[-1]
+            out["hop"].append(row["timing/rollout"])
+            for name in ("replay", "replay_after_sync"):
+                if name == "replay_after_sync":
+                    eng.update_weights(trainer._unwrapped())
+                bench.sync()
+                t = time.perf_counter()
+                real(prompt_ids, sampling)
+                bench.sync()
+                out[name].append(time.perf_counter() - t)
+    finally:
+        eng.generate = real
+    res = {k: [round(x, 4) for x in v] for k, v in out.items()}
+    res["median"] = {k: round(statistics.median(v), 4) for k, v in out.items()}
+    return res
+
+
 SYNC_FRAMES = ("/gspo/", "/transformers/", "/vllm/", "/peft/", "/accelerate/")
 
 
@@ -165,6 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cycles", type=int, default=5)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--paired", type=int, default=4, help="cycles with their rollout replayed (PAIRED)")
     ap.add_argument("--top", type=int, default=12, help="kernels / functions listed per hop")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "gspo-gpu-bench"))
     ap.add_argument("--trace", default=None, help="keep the chrome trace here")
@@ -174,7 +211,7 @@ def main() -> None:
     model_path = bench.build_model_dir(args.root, args.layers)
     from gspo.training.trainer import GSPOTrainer
 
-    cfg = bench.gspo_config(args.root, model_path, "vllm_colocate", args.cycles + 3, args.overrides)
+    cfg = bench.gspo_config(args.root, model_path, "vllm_colocate", args.cycles + args.paired + 3, args.overrides)
     trainer = GSPOTrainer(cfg)
     rows = [trainer.step()[-1] for _ in range(args.cycles)]
     steady = rows[1:]
@@ -185,6 +222,7 @@ def main() -> None:
             print(f"HOPS{name} " + json.dumps({"cycles": len(part), **hops}), flush=True)
     # Before any profiling: after torch.profiler has run in a process, its generate calls were measured slower.
     print("SAME_REQUESTS " + json.dumps(same_requests(trainer, bench.PROMPTS, 3)), flush=True)
+    print("PAIRED " + json.dumps(paired_rollouts(trainer, args.paired)), flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from gspo.devices import to_device
+
 
 class CompletionForward(NamedTuple):
     """`completion_logprobs(..., return_outputs=True)`: the log-probabilities plus what the MoE code needs.
@@ -56,11 +58,14 @@ def build_inputs(
         if prompt_len < p_len:
             raise ValueError(f"completion_logprobs: prompt_len={prompt_len} < longest prompt ({p_len} tokens)")
         p_len = prompt_len
-    prompts = torch.full((len(prompt_ids), p_len), pad_token_id, dtype=torch.long, device=device)
-    prompt_mask = torch.zeros((len(prompt_ids), p_len), dtype=torch.long, device=device)
+    # Filled on the host and moved in one copy that does not wait for the GPU (gspo.devices): row by row on
+    # the device, each row was a host wait.
+    prompts = torch.full((len(prompt_ids), p_len), pad_token_id, dtype=torch.long)
     for b, ids in enumerate(prompt_ids):
-        prompts[b, p_len - len(ids):] = torch.tensor(ids, dtype=torch.long, device=device)
-        prompt_mask[b, p_len - len(ids):] = 1
+        prompts[b, p_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
+    prompts = to_device(prompts, device)
+    prompt_mask = (torch.arange(p_len) >= p_len - torch.tensor([len(p) for p in prompt_ids])[:, None]).long()
+    prompt_mask = to_device(prompt_mask, device)
     prompts = prompts.repeat_interleave(group_size, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     input_ids = torch.cat([prompts, completion_ids.long()], dim=1)
@@ -147,8 +152,8 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], com
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"completion_logprobs: top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
-    completion_ids = completion_ids.to(device)
-    mask = mask.to(device)
+    completion_ids = to_device(completion_ids, device)
+    mask = to_device(mask, device)
     input_ids, attention_mask, position_ids, p_len = build_inputs(
         prompt_ids, completion_ids, mask, group_size=group_size, pad_token_id=pad_token_id, prompt_len=prompt_len
     )

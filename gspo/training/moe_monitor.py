@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gspo.devices import to_device
 from gspo.moe import (
     ExpertHealthTracker,
     RoutingRecorder,
@@ -50,7 +51,7 @@ class _Minibatch:
     def aux_loss(self) -> torch.Tensor | float:
         if self.rec is None:
             return 0.0
-        self.records = self.rec.records(mask=self.layout_mask.to(self.monitor.device))
+        self.records = self.rec.records(mask=to_device(self.layout_mask, self.monitor.device))
         if not self.monitor.aux_on:
             return 0.0
         loss, metrics = moe_aux_losses(self.records, self.monitor.cfg)
@@ -108,7 +109,7 @@ class MoEMonitor:
             return
         with RoutingRecorder(self.forward_module, routers=self.routers, entropy=self.metrics_on) as rec:
             yield
-        self.old = rec.records(mask=layout_mask.to(self.device))
+        self.old = rec.records(mask=to_device(layout_mask, self.device))
         if gather is not None:
             self.old = gather(self.old)
 
@@ -130,6 +131,6 @@ class MoEMonitor:
             yield mb
         if self.metrics_on and old is not None:
             if mb.records is None:
-                mb.records = rec.records(mask=layout_mask.to(self.device))
+                mb.records = rec.records(mask=to_device(layout_mask, self.device))
             mb.metrics.update(routing_drift(old, mb.records))
         mb.records = None  # drop the logits' graph

@@ -38,6 +38,7 @@ import torch
 from gspo.algorithms import group_advantages
 from gspo.algorithms.behaviour import behaviour_correction
 from gspo.data import PromptSampler, build_dataset, describe_prompt_format, prompt_token_ids
+from gspo.devices import to_device
 from gspo.models.policy import Policy, is_sharded_checkpoint, save_final
 from gspo.registry import LOSSES, STAGES, StageSpec
 from gspo.rewards import RewardSet
@@ -238,7 +239,7 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
             prompt_ids, ids, mask = [prompt_ids[i] for i in idx], ids[idx], mask[idx]
         model = model or self.model
         with root_unsharded(model):  # a no-op unless sharded
-            return completion_logprobs(model, prompt_ids, ids.to(self.device), mask.to(self.device),
+            return completion_logprobs(model, prompt_ids, to_device(ids, self.device), to_device(mask, self.device),
                                        group_size=1, pad_token_id=self.tokenizer.pad_token_id,
                                        temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
                                        top_p=self.cfg.rollout.top_p, prompt_len=prompt_len)
@@ -417,9 +418,9 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
                 with self.moe.update_pass(idx, data.layout_mask(idx)) as moe_mb:
                     logp = self._logp(data.batch, idx, prompt_len=data.prompt_len)
                     dev = logp.device
-                    mask = data.batch.mask[idx].to(dev)
-                    ref_logp = data.ref_logp[idx].to(dev) if data.ref_logp is not None else None
-                    loss_out = loss_fn(logp, data.old_logp[idx].to(dev), data.adv[idx].to(dev), mask,
+                    mask = to_device(data.batch.mask[idx], dev)  # copies without a host wait (gspo.devices)
+                    ref_logp = to_device(data.ref_logp[idx], dev) if data.ref_logp is not None else None
+                    loss_out = loss_fn(logp, to_device(data.old_logp[idx], dev), to_device(data.adv[idx], dev), mask,
                                        clip_low=self.clip_low, clip_high=self.clip_high, ref_logp=ref_logp,
                                        **opts)
                     self.accelerator.backward(loss_out.loss + moe_mb.aux_loss())
