@@ -1,8 +1,9 @@
 """Colocated vLLM engine: an in-process `vllm.LLM` next to the trainer, synced through public APIs.
 
 - generate: one request per prompt with `n = group_size`, per-prompt seeds derived from `SamplingSpec.seed`,
-  `logprobs=0` (the sampled token's logprob; none when `SamplingSpec.logprobs` is off) under `logprobs_mode="processed_logprobs"`, i.e. after
-  temperature / top-k / top-p, the distribution the token was drawn from. vLLM does not detokenize
+  `logprobs=0` (the sampled token's logprob; none when `SamplingSpec.logprobs` is off) under
+  `logprobs_mode="processed_logprobs"`, i.e. after temperature / top-k / top-p, the distribution the token was
+  drawn from. vLLM does not detokenize
   (`detokenize=False`: its incremental detokenizer runs per token per request, in the engine loop); the texts
   are one `batch_decode` of the token ids afterwards, exactly as the HF engine makes them, so both engines give
   the same text for the same tokens (a stop token's text included, special tokens skipped). The logprobs come

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gspo.devices import to_device
 from gspo.rollout.base import RolloutBatch, assemble_batch
 from gspo.training.dist_checkpoint import save_consolidated, save_distributed_checkpoint, save_sharded_adapter
 from gspo.training.distributed import all_gather_objects, all_reduce, gather_rows
@@ -112,9 +113,9 @@ class ShardedSteps:
         with self.moe.update_pass(rows, data.layout_mask(rows)) as moe_mb:
             logp = self._logp(data.batch, rows, prompt_len=data.prompt_len)
             dev = logp.device
-            ref_logp = data.ref_logp[rows].to(dev) if data.ref_logp is not None else None
-            loss_out = self.spec.fn(logp, data.old_logp[rows].to(dev), data.adv[rows].to(dev),
-                                    data.batch.mask[rows].to(dev), clip_low=self.clip_low,
+            ref_logp = to_device(data.ref_logp[rows], dev) if data.ref_logp is not None else None
+            loss_out = self.spec.fn(logp, to_device(data.old_logp[rows], dev), to_device(data.adv[rows], dev),
+                                    to_device(data.batch.mask[rows], dev), clip_low=self.clip_low,
                                     clip_high=self.clip_high, ref_logp=ref_logp, **opts)
             (loss_out.loss * w + moe_mb.aux_loss() * w_tok).backward()
         norm, plain = gradient_norm(self.model)  # collective: FSDP's global norm, the same on every rank
