@@ -292,19 +292,14 @@ class RoutingRecords:
 
     def select(self, rows: torch.Tensor | Sequence[int] | slice) -> RoutingRecords:
         """The records of a subset of the B sequences (e.g. one minibatch), in the given order."""
-        on: dict[torch.device, Any] = {}
-
-        def at(device: torch.device) -> Any:  # the rows on each device once, not per layer (a host wait each)
-            if device not in on:
-                on[device] = rows if isinstance(rows, slice) else to_device(
-                    torch.as_tensor(rows, dtype=torch.long), device)
-            return on[device]
+        if not isinstance(rows, slice):  # on the records' device once, not per layer (a host wait each)
+            rows = to_device(torch.as_tensor(rows, dtype=torch.long), self.mask.device)
 
         def pick(ts: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-            return None if ts is None else [t[at(t.device)] for t in ts]
+            return None if ts is None else [t[rows if isinstance(rows, slice) else rows.to(t.device)] for t in ts]
 
         return RoutingRecords(
-            list(self.layers), pick(self.indices), self.mask[at(self.mask.device)], self.num_experts, self.top_k,
+            list(self.layers), pick(self.indices), self.mask[rows], self.num_experts, self.top_k,
             router_indices=pick(self.router_indices), entropy=pick(self.entropy), logits=None,
             families=self.families, routers=self.routers,
         )

@@ -202,19 +202,20 @@ class HFGenerateEngine:
                     parts.append(self._sample(chunk, sampling, gen_cfg))
         finally:
             self.model.train(was_training)
-        completions, logps, reasons = [], [], []
+        completions, reasons = [], []
+        logps: list[list[float]] | None = [] if sampling.logprobs else None
         for tokens, lp in parts:
-            for row, row_lp in zip(tokens.tolist(), lp.tolist() if lp is not None else [None] * len(tokens),
-                                   strict=True):
+            lp_rows = lp.tolist() if lp is not None else [None] * len(tokens)
+            for row, row_lp in zip(tokens.tolist(), lp_rows, strict=True):
                 # Cut at the first stop token (kept, like vLLM); the rest is generate's padding.
                 end = next((k + 1 for k, tok in enumerate(row) if tok in stop_ids), None)
                 completions.append(row[:end] if end is not None else row)
-                if row_lp is not None:
+                if logps is not None:
                     logps.append(row_lp[:end] if end is not None else row_lp)
                 reasons.append("stop" if end is not None else "length")
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return assemble_batch(prompt_ids, completions, logps if sampling.logprobs else None, reasons, texts,
-                              group_size=sampling.n, pad_token_id=self.pad_token_id)
+        return assemble_batch(prompt_ids, completions, logps, reasons, texts, group_size=sampling.n,
+                              pad_token_id=self.pad_token_id)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """No-op when sampling with the trainer's own module; else copy its parameters in."""

@@ -3,9 +3,8 @@
 - generate: one request per prompt with `n = group_size`, per-prompt seeds derived from `SamplingSpec.seed`,
   `logprobs=0` (the sampled token's logprob; none when `SamplingSpec.logprobs` is off) under
   `logprobs_mode="processed_logprobs"`, i.e. after temperature / top-k / top-p, the distribution the token was
-  drawn from. vLLM does not detokenize
-  (`detokenize=False`: its incremental detokenizer runs per token per request, in the engine loop); the texts
-  are one `batch_decode` of the token ids afterwards, exactly as the HF engine makes them, so both engines give
+  drawn from. vLLM does not detokenize (`detokenize=False`: its incremental detokenizer runs per token per
+  request, in the engine loop); the texts are one `batch_decode` of the token ids afterwards, exactly as the HF engine makes them, so both engines give
   the same text for the same tokens (a stop token's text included, special tokens skipped). The logprobs come
   back as flat lists (`flat_logprobs`), and Python's cyclic GC is off while vLLM runs (both: host time of a
   host-bound loop, measured in docs/benchmarks.md).
@@ -165,17 +164,18 @@ class VLLMColocateEngine:
         finally:
             if gc_was_on:
                 gc.enable()
-        completions, logps, reasons = [], [], []
+        completions, reasons = [], []
+        logps: list[list[float]] | None = [] if sampling.logprobs else None
         for out in outputs:  # same order as the prompts
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 completions.append(ids)
-                if sampling.logprobs:
+                if logps is not None:
                     logps.append(_sampled_logprobs(ids, c.logprobs))
                 reasons.append(_finish_reason(c.finish_reason))
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return assemble_batch(prompt_ids, completions, logps if sampling.logprobs else None, reasons, texts,
-                              group_size=sampling.n, pad_token_id=self.pad_token_id)
+        return assemble_batch(prompt_ids, completions, logps, reasons, texts, group_size=sampling.n,
+                              pad_token_id=self.pad_token_id)
 
     # ----------------------------------------------------------------------------------------- weight sync
     def update_weights(self, model: torch.nn.Module) -> None:

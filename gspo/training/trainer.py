@@ -239,7 +239,7 @@ class GSPOTrainer(ShardedSteps, PeriodicEval):
             prompt_ids, ids, mask = [prompt_ids[i] for i in idx], ids[idx], mask[idx]
         model = model or self.model
         with root_unsharded(model):  # a no-op unless sharded
-            return completion_logprobs(model, prompt_ids, to_device(ids, self.device), to_device(mask, self.device),
+            return completion_logprobs(model, prompt_ids, ids, mask,  # moved to the model's device there
                                        group_size=1, pad_token_id=self.tokenizer.pad_token_id,
                                        temperature=self.cfg.rollout.temperature, top_k=self.cfg.rollout.top_k,
                                        top_p=self.cfg.rollout.top_p, prompt_len=prompt_len)
